@@ -1,0 +1,52 @@
+"""Attention kernels in ComfyUI's calling convention, and the head layout helpers.
+
+The router computes attention through a backend with ComfyUI's signature
+`f(q, k, v, heads, mask=None, attn_precision=None, transformer_options=None)`,
+q/k/v `[B, N, heads*dim_head]`. Inside ComfyUI the adapter hands the router
+ComfyUI's own `optimized_attention` (SDPA on CUDA, sage/xformers/flash when the
+user chose them); `sdpa_attention` below is the portable default that keeps this
+package usable and testable without the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """`[B, N, H*d]` -> `[B, H, N, d]`."""
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """`[B, H, N, d]` -> `[B, N, H*d]`."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def sdpa_attention(q, k, v, heads, mask=None, attn_precision=None, transformer_options=None, **kwargs):
+    """softmax(QKᵀ/√d + mask)·V with torch's fused kernel.
+
+    `attn_precision=torch.float32` upcasts q/k/v (SD2 needs fp32 attention in fp16);
+    `mask` is additive, broadcastable to `[B, H, Nq, Nk]`.
+    """
+    dtype = q.dtype
+    if attn_precision == torch.float32 and dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    if mask is not None:
+        mask = mask.to(q.dtype)
+        if mask.ndim == 3:  # [B, Nq, Nk] -> broadcast over heads
+            mask = mask.unsqueeze(1)
+    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), attn_mask=mask)
+    return merge_heads(out).to(dtype)
+
+
+def mask_min(dtype: torch.dtype) -> float:
+    """The most negative finite logit offset for `dtype`.
+
+    Masks use `finfo.min` rather than -inf (as Bounded Attention's code does): a
+    fully masked row then stays finite instead of turning the softmax into NaN.
+    """
+    return torch.finfo(dtype).min

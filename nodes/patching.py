@@ -1,0 +1,80 @@
+"""Puts the attention router on a ComfyUI MODEL: the only place nodes meet the router.
+
+Everything goes through documented ModelPatcher calls (`set_model_attn1_replace`,
+`set_model_attn2_replace`) on a clone the node owns; the base model is never
+touched, so bypassing a node restores the unpatched model exactly.
+"""
+
+from __future__ import annotations
+
+import comfy.ldm.modules.attention as comfy_attention
+
+from ..attention_patches import AttentionRouter, find_router, install
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def comfy_backend(q, k, v, heads, mask=None, attn_precision=None, transformer_options=None):
+    """ComfyUI's own attention (SDPA on CUDA, or whatever the user launched with).
+
+    Looked up at call time, as ComfyUI's CrossAttention does, so the router
+    computes exactly what the unpatched layer would.
+    """
+    if mask is None:
+        return comfy_attention.optimized_attention(
+            q, k, v, heads, attn_precision=attn_precision, transformer_options=transformer_options
+        )
+    return comfy_attention.optimized_attention_masked(
+        q, k, v, heads, mask=mask, attn_precision=attn_precision, transformer_options=transformer_options
+    )
+
+
+def model_family(model) -> str:
+    """A short name of the model's architecture, for error messages ("SDXL", "Flux", ...)."""
+    return type(model.model).__name__
+
+
+def unet_layers(model, node: str = "this node") -> list[tuple[str, int, int]]:
+    """Replace-patch keys (block, block id, transformer index) of every attention layer.
+
+    Read from the loaded UNet itself, so any SD1.x/SD2.x/SDXL-style UNet
+    (including fine-tunes with other depths) gets exactly its own layers.
+    """
+    unet = model.model.diffusion_model
+    blocks = [("input", getattr(unet, "input_blocks", None)), ("middle", [getattr(unet, "middle_block", None)]),
+              ("output", getattr(unet, "output_blocks", None))]
+    if blocks[0][1] is None or blocks[2][1] is None:
+        raise UnsupportedModelError(
+            f"{node}: the model is {model_family(model)}, which has no UNet attention blocks; "
+            "Attention Lab supports SD1.x, SD2.x and SDXL UNet models"
+        )
+    layers = []
+    for name, modules in blocks:
+        for block_id, block in enumerate(modules):
+            if block is None:
+                continue
+            for module in block.modules():
+                if isinstance(module, comfy_attention.SpatialTransformer):
+                    layers += [(name, block_id, i) for i in range(len(module.transformer_blocks))]
+    if not layers:
+        raise UnsupportedModelError(f"{node}: the model ({model_family(model)}) has no transformer layers to patch")
+    return layers
+
+
+def router_of(model) -> AttentionRouter | None:
+    """The router on this MODEL, if one of our nodes installed it."""
+    return find_router(model.model_options.get("transformer_options", {}).get("patches_replace", {}))
+
+
+def attach_router(model, node: str = "this node") -> AttentionRouter:
+    """Install the router on `model` (a clone the caller owns) or return the one there.
+
+    Replace patches other packs set before us are chained, not overwritten.
+    """
+    def set_patch(patch, kind, layer):
+        model.set_model_patch_replace(patch, kind, layer[0], layer[1], layer[2])
+
+    replace = model.model_options.get("transformer_options", {}).get("patches_replace", {})
+    return install(replace, set_patch, unet_layers(model, node), attention=comfy_backend)
