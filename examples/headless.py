@@ -42,12 +42,12 @@ def find_comfyui() -> tuple[Path | None, str]:
     return None, "no ComfyUI host found: " + "; ".join(tried) + " (set COMFYUI_PATH)"
 
 
-def _torchvision_importable() -> bool:
+def _real_torchvision() -> bool:
     try:
-        import torchvision  # noqa: F401
+        import torchvision
     except Exception:
         return False
-    return True
+    return STUBS not in Path(torchvision.__file__).resolve().parents
 
 
 def host_pythonpath() -> list[str]:
@@ -57,7 +57,7 @@ def host_pythonpath() -> list[str]:
     wheel of our dev machines has no matching torchvision; the stand-in in
     tests/stubs is used only when the real one does not import.
     """
-    return [] if _torchvision_importable() else [str(STUBS)]
+    return [] if _real_torchvision() else [str(STUBS)]
 
 
 @dataclass
@@ -86,7 +86,11 @@ class Host:
                 sys.path.insert(0, p)
         import comfy.cli_args
 
-        comfy.cli_args.args.cpu = True  # must precede the first import of model_management
+        # Must precede the first import of model_management. SDPA is the backend
+        # CUDA users get; on the CPU it is also several times faster than the
+        # sub-quadratic default.
+        comfy.cli_args.args.cpu = True
+        comfy.cli_args.args.use_pytorch_cross_attention = True
         import comfy.model_management  # noqa: F401
         import execution
         import folder_paths
