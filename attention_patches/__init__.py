@@ -2,7 +2,7 @@
 
 from .backend import mask_min, merge_heads, sdpa_attention, split_heads
 from .call import AttentionCall, ChunkLayout, execution_order
-from .router import AttentionRouter, AttentionTechnique, LayerPatch, find_router, install
+from .router import AttentionRouter, AttentionTechnique, LayerPatch, combine_masks, find_router, install
 
 __all__ = [
     "AttentionCall",
@@ -10,6 +10,7 @@ __all__ = [
     "AttentionTechnique",
     "ChunkLayout",
     "LayerPatch",
+    "combine_masks",
     "execution_order",
     "find_router",
     "install",

@@ -31,9 +31,10 @@ class AttentionTechnique:
     """Base of every technique: one object, state explicit, a uniform call.
 
     `wants(call)` is a cheap filter (layer, step, self/cross); `__call__` gets
-    projected q/k/v `[B, N, heads*dim_head]` and `attend`, the rest of the
-    chain, and returns the attention output in the same layout. A technique may
-    change q/k/v, pass an additive mask to `attend`, or post-process its result.
+    projected q/k/v `[B, N, heads*dim_head]`, the additive mask set so far by
+    techniques further out (None if none), and `attend(q, k, v, mask)`, the rest
+    of the chain; it returns the attention output in q's layout. A technique may
+    change q/k/v, add its own mask (`combine_masks`), or post-process the result.
     Lower `order` runs first (outermost).
     """
 
@@ -43,8 +44,8 @@ class AttentionTechnique:
     def wants(self, call: AttentionCall) -> bool:
         return True
 
-    def __call__(self, q, k, v, call: AttentionCall, attend: Attend) -> torch.Tensor:
-        return attend(q, k, v)
+    def __call__(self, q, k, v, call: AttentionCall, attend: Attend, mask=None) -> torch.Tensor:
+        return attend(q, k, v, mask)
 
     def __deepcopy__(self, memo):
         # Shared by every clone of the model it is registered on (see module doc).
@@ -186,16 +187,13 @@ class AttentionRouter:
 
 def _bind(technique: AttentionTechnique, call: AttentionCall, attend: Attend) -> Attend:
     def step(q, k, v, mask=None):
-        if mask is None:
-            return technique(q, k, v, call, attend)
-        # A technique further out already set a mask: later techniques see it
-        # through `attend`, and may combine their own with it.
-        return technique(q, k, v, call, lambda q_, k_, v_, m=None: attend(q_, k_, v_, _combine(mask, m)))
+        return technique(q, k, v, call, attend, mask)
 
     return step
 
 
-def _combine(a, b):
+def combine_masks(a, b):
+    """Sum of two additive masks (either may be None); shapes broadcast."""
     if a is None:
         return b
     if b is None:

@@ -50,9 +50,9 @@ class CountCalls:
         calls = self.calls
 
         class Count(self.base):
-            def __call__(self, q, k, v, call, attend):
+            def __call__(self, q, k, v, call, attend, mask=None):
                 calls.append(call)
-                return attend(q, k, v)
+                return attend(q, k, v, mask)
 
         return Count()
 

@@ -9,6 +9,7 @@ from attention_lab.attention_patches import (
     AttentionRouter,
     AttentionTechnique,
     ChunkLayout,
+    combine_masks,
     LayerPatch,
     execution_order,
     find_router,
@@ -56,9 +57,9 @@ class Recording(AttentionTechnique):
     def __init__(self, name, log, order=100):
         self.name, self.log, self.order = name, log, order
 
-    def __call__(self, q, k, v, call, attend):
+    def __call__(self, q, k, v, call, attend, mask=None):
         self.log.append(f"{self.name}>")
-        out = attend(q, k, v)
+        out = attend(q, k, v, mask)
         self.log.append(f"<{self.name}")
         return out
 
@@ -67,16 +68,17 @@ class ScaleQuery(AttentionTechnique):
     def __init__(self, factor):
         self.factor = factor
 
-    def __call__(self, q, k, v, call, attend):
-        return attend(q * self.factor, k, v)
+    def __call__(self, q, k, v, call, attend, mask=None):
+        return attend(q * self.factor, k, v, mask)
 
 
 class AddMask(AttentionTechnique):
     def __init__(self, mask):
         self.mask = mask
 
-    def __call__(self, q, k, v, call, attend):
-        return attend(q, k, v, self.mask)
+    def __call__(self, q, k, v, call, attend, mask=None):
+        self.seen = mask
+        return attend(q, k, v, combine_masks(mask, self.mask))
 
 
 def test_sdpa_backend_matches_softmax_equation_with_mask_and_precision():
@@ -111,11 +113,11 @@ def test_technique_changes_reach_the_backend_and_masks_combine():
     router = AttentionRouter(SD15_LAYERS)
     m1, m2 = torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64)
     router.add(ScaleQuery(0.5))
-    router.add(AddMask(m1))
-    router.add(AddMask(m2))
+    outer, inner = router.add(AddMask(m1)), router.add(AddMask(m2))
     q, k, v = qkv()
     out = router.patch_for(("input", 1, 0), True)(q, k, v, options())
     torch.testing.assert_close(out, reference_attention(q * 0.5, k, v, m1 + m2).float(), atol=1e-5, rtol=1e-5)
+    assert outer.seen is None and torch.equal(inner.seen, m1)  # inner techniques see the mask so far
 
 
 def test_wants_filters_per_call():
@@ -135,9 +137,9 @@ def test_call_context():
     seen = []
 
     class Look(AttentionTechnique):
-        def __call__(self, q, k, v, call, attend):
+        def __call__(self, q, k, v, call, attend, mask=None):
             seen.append(call)
-            return attend(q, k, v)
+            return attend(q, k, v, mask)
 
     router = AttentionRouter(SD15_LAYERS)
     router.add(Look())
