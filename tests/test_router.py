@@ -260,3 +260,21 @@ def test_clone_gets_its_own_router_sharing_technique_objects():
     assert clone_router.techniques == [shared] and clone_router.techniques[0] is shared
     clone_router.add(ScaleQuery(0.0))
     assert router.techniques == [shared]  # the original model is untouched
+
+
+def test_backend_receives_heads_mask_precision_and_options():
+    seen = {}
+
+    def backend(q, k, v, heads, mask=None, attn_precision=None, transformer_options=None):
+        seen.update(heads=heads, mask=mask, attn_precision=attn_precision, options=transformer_options)
+        return q
+
+    router = AttentionRouter(SD15_LAYERS, attention=backend)
+    mask = torch.zeros(1, 1, 64, 64)
+    router.add(AddMask(mask))
+    opts = options(attn_precision=torch.float32, optimized_attention_override="kept")
+    router.patch_for(("input", 1, 0), True)(*qkv(), opts)
+    assert seen["heads"] == HEADS and seen["attn_precision"] is torch.float32
+    assert torch.equal(seen["mask"], mask)
+    # ComfyUI's backends read optimized_attention_override from the options they get
+    assert seen["options"] is opts
