@@ -1,0 +1,405 @@
+"""Train the pack's demo model on the demo world, reproducibly, with one command.
+
+    python demo/train.py                      # the full run (CPU, about 2 hours on 2 cores)
+    python demo/train.py --device cuda        # the same run on a GPU
+    python demo/train.py --smoke --out /tmp/demo_smoke.safetensors   # end to end in a minute or two
+
+Three models, built from ComfyUI's own classes through nodes/tiny_models.py so
+the trained weights load into exactly the modules that sample them:
+1. the VAE (TAESD architecture) as an autoencoder on random crops of scenes;
+   its vae_scale/vae_shift are then set so the latents the UNet sees (after
+   SD1.5's latent factor 0.18215) have zero mean and unit variance;
+2. the text encoder (ComfyUI's CLIP text model behind the standard CLIP
+   tokenizer) and the UNet (SD1.5 architecture) jointly on the ε-prediction
+   loss in ComfyUI's own noise schedule, on latents of a fixed set of scenes;
+   captions drop their background clause (so "a red circle" alone is in
+   distribution) or are emptied (for classifier-free guidance) at fixed rates;
+3. evaluation: VAE reconstruction PSNR on held-out scenes, through
+   comfy.sd.VAE; single-object prompt fidelity, sampling with ComfyUI's
+   KSampler path and checking the largest detected object.
+The weights (EMA for UNet and text encoder) go to one safetensors file, float16,
+keys prefixed `unet.`, `clip.`, `vae.`; its metadata records the command,
+seed, configs and metrics, and a JSON file beside it repeats them.
+
+Training scenes use world seeds below 2**32; held-out scenes use 2**32 and up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "demo" / "weights" / "demo_model.safetensors"
+HELD_OUT_SEED = 2**32  # world seeds from here on are never trained on
+SD15_LATENT_FACTOR = 0.18215  # comfy.latent_formats.SD15.scale_factor
+
+
+@dataclass(frozen=True)
+class Budget:
+    size: int = 128  # scene resolution (latents are size / 8)
+    vae_iters: int = 1500
+    vae_batch: int = 8
+    vae_crop: int = 64  # the VAE is convolutional: crops train it at a quarter of the cost
+    vae_lr: float = 3e-4
+    scenes: int = 3000  # fixed training set for the UNet, encoded once
+    unet_iters: int = 3000
+    unet_batch: int = 32
+    unet_lr: float = 5e-4
+    warmup: int = 100
+    ema: float = 0.999
+    p_no_background: float = 0.2  # captions without their background clause
+    p_empty: float = 0.1  # empty captions, for classifier-free guidance
+    eval_scenes: int = 64  # held-out scenes for VAE PSNR
+    eval_prompts: int = 70  # single-object prompts (each colour-shape pair twice)
+    sample_steps: int = 20
+    cfg: float = 5.0
+
+
+SMOKE = Budget(vae_iters=3, vae_batch=2, scenes=8, unet_iters=3, unet_batch=4, warmup=1, ema=0.5,
+               eval_scenes=2, eval_prompts=2, sample_steps=2)
+
+
+def load_comfy(device: str) -> str:
+    """Import ComfyUI (found as the examples find it); returns how it was found."""
+    sys.path.insert(0, str(REPO / "examples"))
+    import headless
+
+    root, how = headless.find_comfyui()
+    if root is None:
+        raise SystemExit(how)
+    for path in [str(root)] + headless.host_pythonpath():
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = device == "cpu"  # must precede the first import of model_management
+    comfy.cli_args.args.use_pytorch_cross_attention = True
+    import comfy.model_management  # noqa: F401
+
+    return how
+
+
+def load_by_path(name: str, path: Path, package: bool = False):
+    """Import a file or package folder of this repo under `name`, without putting the repo
+    on sys.path (its nodes/ would shadow ComfyUI's nodes module)."""
+    spec = importlib.util.spec_from_file_location(
+        name, path / "__init__.py" if package else path, submodule_search_locations=[str(path)] if package else None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def world_seed(seed: int, *stream: int) -> int:
+    """A training scene's world seed: a hash of the run seed and its position, below 2**32."""
+    return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0])
+
+
+def render_batch(world, seeds, size: int):
+    import torch
+
+    scenes = [world.render(world.random_scene(s), size) for s in seeds]
+    images = torch.from_numpy(np.stack([r.image for r in scenes])).permute(0, 3, 1, 2).float() / 255
+    return images, scenes
+
+
+def lr_at(step: int, budget_iters: int, warmup: int, peak: float) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, budget_iters - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Progress:
+    def __init__(self, stage: str, total: int, every: int):
+        self.stage, self.total, self.every = stage, total, max(1, every)
+        self.start = time.perf_counter()
+        self.losses = []
+
+    def log(self, step: int, loss: float):
+        self.losses.append(loss)
+        if (step + 1) % self.every == 0 or step + 1 == self.total:
+            elapsed = time.perf_counter() - self.start
+            per_iter = elapsed / (step + 1)
+            recent = float(np.mean(self.losses[-self.every:]))
+            print(f"[{self.stage}] {step + 1}/{self.total} loss {recent:.5f}  {per_iter:.3f} s/it  "
+                  f"eta {per_iter * (self.total - step - 1) / 60:.1f} min", flush=True)
+
+    @property
+    def seconds_per_iter(self) -> float:
+        return (time.perf_counter() - self.start) / max(1, len(self.losses))
+
+
+def train_vae(world, tiny, budget: Budget, seed: int, device):
+    """TAESD as an autoencoder on [0, 1] images, MSE loss, on random crops."""
+    import comfy.taesd.taesd
+    import torch
+
+    taesd = comfy.taesd.taesd.TAESD()
+    tiny.seeded_init(taesd, seed)
+    taesd.to(device).train()
+    coders = list(taesd.taesd_encoder.parameters()) + list(taesd.taesd_decoder.parameters())
+    optimizer = torch.optim.Adam(coders, lr=budget.vae_lr)
+    crop_rng = np.random.default_rng([seed, 1])
+    progress = Progress("vae", budget.vae_iters, budget.vae_iters // 40)
+    for step in range(budget.vae_iters):
+        images, _ = render_batch(world, [world_seed(seed, 1, step, i) for i in range(budget.vae_batch)], budget.size)
+        y, x = crop_rng.integers(0, budget.size - budget.vae_crop + 1, size=2)
+        images = images[:, :, y:y + budget.vae_crop, x:x + budget.vae_crop].to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, budget.vae_iters, budget.warmup, budget.vae_lr)
+        loss = torch.nn.functional.mse_loss(taesd.taesd_decoder(taesd.taesd_encoder(images)), images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(coders, 1.0)  # no normalisation layers: keep early steps bounded
+        optimizer.step()
+        progress.log(step, loss.item())
+    taesd.eval()
+    return taesd, progress.seconds_per_iter
+
+
+def normalise_latents(taesd, images) -> None:
+    """Set vae_scale/vae_shift so that 0.18215 * (enc / scale + shift) has mean 0 and std 1."""
+    import torch
+
+    with torch.no_grad():
+        raw = torch.cat([taesd.taesd_encoder(chunk) for chunk in images.split(16)])
+        mean, std = raw.mean().item(), raw.std().item()
+        taesd.vae_scale.fill_(SD15_LATENT_FACTOR * std)
+        taesd.vae_shift.fill_(-mean / (SD15_LATENT_FACTOR * std))
+
+
+def encode_scenes(world, taesd, model, budget: Budget, seed: int, device):
+    """The UNet's training set: latents as the sampler sees them, and the scenes."""
+    import torch
+
+    seeds = [world_seed(seed, 2, i) for i in range(budget.scenes)]
+    latents, scenes = [], []
+    with torch.no_grad():
+        for start in range(0, len(seeds), 64):
+            images, rendered = render_batch(world, seeds[start:start + 64], budget.size)
+            if start == 0:
+                normalise_latents(taesd, images.to(device))
+            # TAESD.encode takes [-1, 1] images, as comfy.sd.VAE hands them over
+            latents.append(model.latent_format.process_in(taesd.encode(images.to(device) * 2 - 1)).cpu())
+            scenes += [r.scene for r in rendered]
+    return torch.cat(latents), scenes
+
+
+def training_caption(world, scene, rng: np.random.Generator, budget: Budget) -> str:
+    draw = rng.random()
+    if draw < budget.p_empty:
+        return ""
+    return world.caption(scene, with_background=draw >= budget.p_empty + budget.p_no_background)
+
+
+def token_ids(clip, text: str) -> list[int]:
+    return [token for token, _weight in clip.tokenize(text)["l"][0]]
+
+
+def train_diffusion(world, clip, unet_patcher, latents, scenes, budget: Budget, seed: int, device):
+    """ε-prediction on ComfyUI's discrete schedule; text encoder and UNet trained jointly."""
+    import torch
+
+    model = unet_patcher.model
+    unet = model.diffusion_model.to(device).train()
+    text = clip.cond_stage_model.to(device).train()
+    clip.cond_stage_model.reset_clip_options()
+    with torch.no_grad():
+        unet.out[-1].weight.zero_()  # start from "predict zero noise": a stable first step
+        unet.out[-1].bias.zero_()
+    params = list(unet.parameters()) + list(text.parameters())
+    ema = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=budget.unet_lr, weight_decay=0.0)
+    sigmas = model.model_sampling.sigmas.to(device)
+    rng = np.random.default_rng([seed, 3])
+    generator = torch.Generator().manual_seed(seed)
+    progress = Progress("unet", budget.unet_iters, budget.unet_iters // 60)
+    for step in range(budget.unet_iters):
+        index = rng.integers(0, len(scenes), size=budget.unet_batch)
+        captions = [training_caption(world, scenes[i], rng, budget) for i in index]
+        x0 = latents[torch.from_numpy(index)].to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = torch.randint(0, len(sigmas), (budget.unet_batch,), generator=generator).to(device)
+        sigma = sigmas[t].view(-1, 1, 1, 1)
+        # ComfyUI's EPS model input: (x0 + σε) / √(1 + σ²) = √ᾱ x0 + √(1-ᾱ) ε
+        x_in = (x0 + sigma * noise) / torch.sqrt(sigma**2 + 1)
+        context = text.clip_l.encode([token_ids(clip, c) for c in captions])[0]
+        predicted = unet(x_in, timesteps=t.float(), context=context)
+        loss = torch.nn.functional.mse_loss(predicted, noise)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, budget.unet_iters, budget.warmup, budget.unet_lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - budget.ema)
+        progress.log(step, loss.item())
+    with torch.no_grad():
+        for p, average in zip(params, ema):
+            p.copy_(average)
+    unet.eval().cpu()
+    text.eval().cpu()
+    return progress.seconds_per_iter
+
+
+def vae_psnr(world, vae, budget: Budget) -> float:
+    """Mean PSNR (dB) of held-out scenes through comfy.sd.VAE encode/decode."""
+    import torch
+
+    scores = []
+    for i in range(budget.eval_scenes):
+        image = world.render(world.random_scene(HELD_OUT_SEED + i), budget.size).image
+        pixels = torch.from_numpy(image).float()[None] / 255
+        decoded = vae.decode(vae.encode(pixels)).float().cpu()
+        mse = torch.mean((decoded.reshape(pixels.shape) - pixels) ** 2).item()
+        scores.append(10 * math.log10(1 / max(mse, 1e-10)))
+    return float(np.mean(scores))
+
+
+def single_object_fidelity(world, detect, clip, unet_patcher, vae, budget: Budget, seed: int) -> dict:
+    """Share of single-object prompts whose largest detected object has the prompted
+    colour and shape (each colour-shape pair in turn, on held-out backgrounds)."""
+    import comfy.sample
+    import torch
+
+    pairs = [(c, s) for c in world.COLORS for s in world.SHAPES]
+
+    def encode(text):
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        return [[cond, {"pooled_output": pooled}]]
+
+    negative = encode("")
+    latent_side = budget.size // 8
+    hits = {"color": 0, "shape": 0, "both": 0}
+    for i in range(budget.eval_prompts):
+        color, shape = pairs[i % len(pairs)]
+        scene = world.random_scene(HELD_OUT_SEED + 10_000 + i, objects=[(color, shape)])
+        noise = torch.randn(1, 4, latent_side, latent_side, generator=torch.Generator().manual_seed(seed + i))
+        latent = comfy.sample.sample(unet_patcher, noise, budget.sample_steps, budget.cfg, "euler", "normal",
+                                     encode(scene.caption), negative, torch.zeros_like(noise), seed=seed + i,
+                                     disable_pbar=True)
+        image = vae.decode(latent)[0].cpu().numpy()
+        found = detect.detect_objects(image)
+        largest = found[0] if found else None
+        hits["color"] += bool(largest and largest.color == color)
+        hits["shape"] += bool(largest and largest.shape == shape)
+        hits["both"] += bool(largest and largest.color == color and largest.shape == shape)
+    return {key: value / budget.eval_prompts for key, value in hits.items()}
+
+
+TOKEN_EMBEDDING = "clip.clip_l.transformer.text_model.embeddings.token_embedding.weight"
+TOKEN_IDS = "clip.token_ids"  # the rows of TOKEN_EMBEDDING that are stored; all others are zero
+
+
+def vocabulary_token_ids(clip, world) -> list[int]:
+    """Every token a caption of the world can produce (words, commas, start/end/padding)."""
+    return sorted(set(token_ids(clip, " ".join(world.vocabulary()) + " ,")))
+
+
+def save(path: Path, taesd, clip, unet_patcher, token_rows: list[int], metadata: dict) -> int:
+    """float16 safetensors with prefixed keys; returns the file size in bytes.
+
+    Only the token-embedding rows of the world's vocabulary are stored (49408 x 64
+    would take a quarter of the 25 MB budget): the others never received a
+    gradient, and a loader sets them to zero."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    parts = {"unet.": unet_patcher.model.diffusion_model, "clip.": clip.cond_stage_model, "vae.": taesd}
+    for prefix, module in parts.items():
+        for key, value in module.state_dict().items():
+            value = value.detach().cpu()
+            tensors[prefix + key] = (value.half() if value.is_floating_point() else value).contiguous()
+    rows = torch.tensor(token_rows, dtype=torch.int64)
+    tensors[TOKEN_EMBEDDING] = tensors[TOKEN_EMBEDDING][rows].contiguous()
+    tensors[TOKEN_IDS] = rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    path.with_suffix(".json").write_text(json.dumps(metadata, indent=1) + "\n")
+    return path.stat().st_size
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0, help="seeds weights, scenes, noise and caption dropout")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--smoke", action="store_true", help="tiny iteration counts: checks the pipeline end to end")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the safetensors file to write")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for torch")
+    for name, default in asdict(Budget()).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=None,
+                            help=f"override the budget's {name} (full run: {default})")
+    args = parser.parse_args(argv)
+    budget = SMOKE if args.smoke else Budget()
+    budget = replace(budget, **{k: v for k, v in vars(args).items() if k in asdict(budget) and v is not None})
+    if budget.size % 8 or not 64 <= budget.size <= 256:
+        raise SystemExit(f"--size must be a multiple of 8 between 64 and 256, got {budget.size}")
+    command = "python demo/train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+    started = time.perf_counter()
+    how = load_comfy(args.device)
+    import comfy.sd
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    load_by_path("attention_lab_demo", REPO / "demo", package=True)
+    world = importlib.import_module("attention_lab_demo.world")
+    detect = importlib.import_module("attention_lab_demo.detect")
+    tiny = load_by_path("attention_lab_tiny_models", REPO / "nodes" / "tiny_models.py")
+    print(f"ComfyUI host: {how}; device {args.device}, {args.threads} threads; budget {asdict(budget)}", flush=True)
+
+    taesd, vae_s_per_it = train_vae(world, tiny, budget, args.seed, device)
+    unet_patcher = tiny.sd15_unet(seed=args.seed + 1)
+    latents, scenes = encode_scenes(world, taesd, unet_patcher.model, budget, args.seed, device)
+    print(f"[data] {len(scenes)} scenes encoded: latent mean {latents.mean():.3f} std {latents.std():.3f}", flush=True)
+    taesd.cpu()
+    clip = tiny.text_encoder(seed=args.seed + 2)
+    unet_s_per_it = train_diffusion(world, clip, unet_patcher, latents, scenes, budget, args.seed, device)
+
+    vae = comfy.sd.VAE(sd=taesd.state_dict())
+    with torch.no_grad():
+        metrics = {
+            "vae_psnr_db": round(vae_psnr(world, vae, budget), 2),
+            "single_object": single_object_fidelity(world, detect, clip, unet_patcher, vae, budget, args.seed),
+        }
+    metrics["seconds"] = {"vae_per_iter": round(vae_s_per_it, 3), "unet_per_iter": round(unet_s_per_it, 3),
+                          "total": round(time.perf_counter() - started, 1)}
+    metadata = {
+        "command": command, "seed": str(args.seed), "device": args.device, "budget": asdict(budget),
+        "unet_config": tiny.SD15_UNET, "text_config": tiny.TEXT_CONFIG, "metrics": metrics,
+        "git_commit": git_commit(), "torch": torch.__version__, "vocabulary": world.vocabulary(),
+    }
+    size = save(args.out, taesd, clip, unet_patcher, vocabulary_token_ids(clip, world), metadata)
+    print(f"saved {args.out} ({size / 2**20:.1f} MiB) and {args.out.with_suffix('.json').name}")
+    print("metrics: " + json.dumps(metrics))
+    return metadata
+
+
+if __name__ == "__main__":
+    main()
