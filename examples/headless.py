@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+INPUTS = REPO / "examples" / "inputs"  # images the example workflows load (LoadImage)
 STUBS = REPO / "tests" / "stubs"
 
 
@@ -79,7 +82,7 @@ class _ServerStub:
 class Host:
     """A ComfyUI loaded in this process, with this pack loaded as a custom node."""
 
-    def __init__(self, root: Path, output_dir: Path | None = None):
+    def __init__(self, root: Path, output_dir: Path | None = None, cpu: bool = True):
         self.root = Path(root)
         for p in [str(self.root)] + host_pythonpath():
             if p not in sys.path:
@@ -88,8 +91,8 @@ class Host:
 
         # Must precede the first import of model_management. SDPA is the backend
         # CUDA users get; on the CPU it is also several times faster than the
-        # sub-quadratic default.
-        comfy.cli_args.args.cpu = True
+        # sub-quadratic default. cpu=False lets ComfyUI pick its device (benchmarks).
+        comfy.cli_args.args.cpu = cpu
         comfy.cli_args.args.use_pytorch_cross_attention = True
         import comfy.model_management  # noqa: F401
         import execution
@@ -100,6 +103,10 @@ class Host:
         if output_dir is not None:
             folder_paths.set_output_directory(str(output_dir))
         self.output_dir = Path(folder_paths.get_output_directory())
+        # A temp copy, so a workflow's uploads or annotations never write into the repo.
+        self._inputs = tempfile.TemporaryDirectory(prefix="attention_lab_inputs_")
+        shutil.copytree(INPUTS, self._inputs.name, dirs_exist_ok=True)
+        folder_paths.set_input_directory(self._inputs.name)
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         before = set(nodes.NODE_CLASS_MAPPINGS)
         if not asyncio.run(nodes.load_custom_node(str(REPO), module_parent="custom_nodes")):
