@@ -1,0 +1,225 @@
+"""The one attention recorder: running means of post-softmax attention maps.
+
+Every technique that reads attention maps (segmentation, Cross-Image masks,
+Bounded Attention's mask refinement, heat maps) reads them from an
+`AttentionRecorder` registered on the router. For each recorded call it
+computes `softmax(QKᵀ/√d + mask)` itself, for the conditional rows only,
+averages over heads and adds the result into one running sum per
+(kind, token grid), kind = "self" (`[HW, HW]`) or "cross" (`[HW, tokens]`), per
+image of the batch. Nothing per step or per layer is kept: memory is one map
+per recorded (kind, grid), whatever the number of steps and layers.
+
+It runs innermost (highest `order`), so it sees q/k and the mask after every
+other technique changed them, and it returns the chain's own output
+(`attend`), so recording never changes what the model computes. Calls its
+`selection` does not want cost one `wants()` check.
+
+State lives on the recorder (shared by every clone of the model, see
+router.py); `begin_run()` clears it when a sampling run starts and
+`finish_run(result)` remembers which result the record belongs to.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .backend import split_heads
+from .call import AttentionCall
+from .router import AttentionTechnique
+
+SELF, CROSS = "self", "cross"
+KINDS = (SELF, CROSS)
+
+Grid = tuple  # (height, width) of a layer's token grid
+
+
+@dataclass(frozen=True)
+class RecordSelection:
+    """Which calls are recorded.
+
+    Defaults follow local-prompt-mixing's AttentionStore: self and cross
+    attention of the encoder and decoder blocks ("down" and "up"; the middle
+    block is left out), layers with at most 32² query tokens, every step.
+    """
+
+    kinds: frozenset = frozenset(KINDS)
+    blocks: frozenset = frozenset({"input", "output"})
+    max_tokens: int | None = 32 * 32
+    layers: frozenset | None = None  # explicit (block, id, index) keys; None = every layer of `blocks`
+    start: float = 0.0  # first recorded step, as a fraction of the schedule
+    end: float = 1.0  # last recorded step, as a fraction of the schedule
+
+    def __post_init__(self):
+        unknown = set(self.kinds) - set(KINDS)
+        if unknown or not self.kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {sorted(self.kinds)}")
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"recorded steps: need 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be positive or None, got {self.max_tokens}")
+
+    def matches(self, call: AttentionCall) -> bool:
+        if (SELF if call.is_self else CROSS) not in self.kinds:
+            return False
+        if self.layers is not None:
+            if tuple(call.layer) not in self.layers:
+                return False
+        elif call.layer[0] not in self.blocks:
+            return False
+        if self.max_tokens is not None and call.tokens > self.max_tokens:
+            return False
+        progress = call.progress
+        if progress is None:  # no schedule (a direct model call): only an unrestricted range records
+            return self.start == 0.0 and self.end == 1.0
+        return self.start <= progress <= self.end
+
+
+def attention_probabilities(q, k, heads: int, mask=None) -> torch.Tensor:
+    """`softmax(Q_h K_hᵀ/√d + mask)` per head: `[B, H, Nq, Nk]` in float32.
+
+    q `[B, Nq, H*d]`, k `[B, Nk, H*d]`; `mask` additive, broadcastable to
+    `[B, H, Nq, Nk]`. (The scale is applied to Q, the small operand.)
+    """
+    q, k = split_heads(q.float(), heads), split_heads(k.float(), heads)
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if mask is not None:
+        logits += mask.float()
+    return logits.softmax(-1)
+
+
+def _mask_4d(mask: torch.Tensor) -> torch.Tensor:
+    """An additive mask as `[B|1, H|1, Nq|1, Nk]`."""
+    if mask.ndim == 2:
+        return mask[None, None]
+    if mask.ndim == 3:
+        return mask[:, None]
+    return mask
+
+
+class AttentionRecorder(AttentionTechnique):
+    """Running means of head-averaged attention maps, per (kind, grid), per image.
+
+    Read with `grids(kind)`, `mean(kind, grid)` (`[images, HW, keys]`),
+    `count(kind, grid)` (how many layer×step maps were averaged) and
+    `closest_grid(kind, side)`. `result` is the sampling result the record
+    belongs to (set by `finish_run`).
+    """
+
+    name = "recorder"
+    order = 10_000  # innermost: sees q/k/mask after every other technique
+
+    def __init__(self, selection: RecordSelection | None = None, chunk_elements: int = 2**26):
+        self.selection = selection or RecordSelection()
+        # bound on the logits held at once (rows × heads × queries × keys);
+        # larger calls are computed in chunks of queries
+        self.chunk_elements = chunk_elements
+        self.begin_run()
+        self.runs = 0
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def begin_run(self) -> None:
+        """Forget everything recorded: a new sampling run starts."""
+        self._sums: dict[tuple[str, Grid], torch.Tensor] = {}
+        self._counts: dict[tuple[str, Grid], int] = {}
+        self.steps: set[int] = set()
+        self.latent_shape: tuple | None = None
+        self.result: torch.Tensor | None = None
+
+    def finish_run(self, result: torch.Tensor) -> None:
+        """Remember the sampled result this record belongs to (kept on the CPU)."""
+        self.result = result.detach().to("cpu", torch.float32).clone()
+        self.runs += 1
+
+    def belongs_to(self, latent: torch.Tensor, atol: float = 1e-5) -> bool:
+        """Whether `latent` is the result of the run that made this record."""
+        if self.result is None:
+            return False
+        latent = latent.detach().to("cpu", torch.float32)
+        return latent.shape == self.result.shape and torch.allclose(latent, self.result, rtol=0.0, atol=atol)
+
+    # -- recording ------------------------------------------------------------
+
+    def wants(self, call: AttentionCall) -> bool:
+        return self.selection.matches(call)
+
+    def __call__(self, q, k, v, call: AttentionCall, attend, mask=None):
+        rows = call.layout.rows(cond=True)
+        if rows:
+            self._record(q, k, call, rows, mask)
+        return attend(q, k, v, mask)
+
+    def _record(self, q, k, call: AttentionCall, rows: list[int], mask) -> None:
+        batch = q.shape[0]
+        index = torch.tensor(rows, device=q.device)
+        q, k = q.index_select(0, index), k.index_select(0, index)
+        if mask is not None:
+            mask = _mask_4d(mask)
+            if mask.shape[0] == batch and batch > 1:  # a per-row mask: keep the recorded rows
+                mask = mask.index_select(0, index.to(mask.device))
+        kind = SELF if call.is_self else CROSS
+        grid = (call.height, call.width)
+        images, queries, keys = call.layout.images, q.shape[1], k.shape[1]
+        total = self._sum_for(kind, grid, images, queries, keys, q.device)
+        step = max(1, self.chunk_elements // (len(rows) * call.heads * keys))
+        for start in range(0, queries, step):
+            stop = min(start + step, queries)
+            part = mask
+            if part is not None and part.shape[-2] == queries:
+                part = part[..., start:stop, :]
+            probs = attention_probabilities(q[:, start:stop], k, call.heads, part)
+            # rows are cond chunks × images: add every chunk's heads into its images' sums (head
+            # mean by alpha; slice by slice, in place: no full-size temporaries besides `probs`)
+            into = total[:, start:stop]
+            for chunk in range(len(rows) // images):
+                for head in range(call.heads):
+                    into.add_(probs[chunk * images:(chunk + 1) * images, head], alpha=1.0 / call.heads)
+        self._counts[(kind, grid)] += len(rows) // images
+        if call.step is not None:
+            self.steps.add(call.step)
+        if self.latent_shape is None and call.options.get("original_shape") is not None:
+            self.latent_shape = tuple(call.options["original_shape"])
+
+    def _sum_for(self, kind, grid, images, queries, keys, device) -> torch.Tensor:
+        total = self._sums.get((kind, grid))
+        if total is None:
+            total = self._sums[(kind, grid)] = torch.zeros(images, queries, keys, device=device)
+            self._counts[(kind, grid)] = 0
+        elif total.shape != (images, queries, keys):
+            raise ValueError(
+                f"attention recorder: a {kind}-attention call at {grid[0]}x{grid[1]} has {images} image(s) and "
+                f"{keys} keys, but this run recorded {total.shape[0]} image(s) and {total.shape[2]} keys there; "
+                "a record belongs to one sampling run (begin_run() starts a new one)"
+            )
+        return total
+
+    # -- reading --------------------------------------------------------------
+
+    @property
+    def is_empty(self) -> bool:
+        return not self._sums
+
+    def grids(self, kind: str) -> list[Grid]:
+        """Token grids recorded for `kind`, largest first."""
+        return sorted((g for (k, g) in self._sums if k == kind), key=lambda g: -g[0] * g[1])
+
+    def count(self, kind: str, grid: Grid) -> int:
+        return self._counts.get((kind, tuple(grid)), 0)
+
+    def mean(self, kind: str, grid: Grid) -> torch.Tensor:
+        """Mean map over recorded layers, steps and heads: `[images, HW, keys]`, float32, on the CPU."""
+        key = (kind, tuple(grid))
+        if key not in self._sums:
+            have = ", ".join(f"{h}x{w}" for h, w in self.grids(kind)) or "none"
+            raise ValueError(f"no {kind}-attention was recorded at {grid[0]}x{grid[1]} (recorded: {have})")
+        return (self._sums[key] / self._counts[key]).cpu()
+
+    def closest_grid(self, kind: str, side: int) -> Grid:
+        """The recorded grid closest to side×side, by ratio of token counts (ties: the larger)."""
+        grids = self.grids(kind)
+        if not grids:
+            raise ValueError(f"no {kind}-attention was recorded")
+        return min(grids, key=lambda g: (abs(math.log(g[0] * g[1] / (side * side))), -g[0] * g[1]))

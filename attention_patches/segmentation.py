@@ -1,0 +1,285 @@
+"""Segmentation, labels, heat maps and PCA from recorded attention maps.
+
+Local-prompt-mixing's segmentation (methods.md §4): KMeans on the rows of the
+head/layer/step-averaged self-attention map (each token's row says where it
+looks; tokens of one object look alike), then each cluster is labelled with
+the prompt word whose normalised cross-attention map is highest on average
+over the cluster, or background when no word reaches the threshold.
+
+Plain torch/numpy/scikit-learn/PIL; the token↔word mapping of a real tokenizer
+is done by the caller, which passes each word's token positions.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+BACKGROUND = "background"
+
+# Words never offered as labels when the user names none: local-prompt-mixing
+# labels with nouns only (from a POS tagger); without one, function words are
+# the ones that must not win a segment.
+FUNCTION_WORDS = frozenset([
+    "a", "an", "the", "and", "or", "but", "nor", "of", "in", "on", "at", "to", "from", "by", "with", "without",
+    "into", "onto", "over", "under", "above", "below", "behind", "beside", "between", "near", "next", "for",
+    "as", "is", "are", "was", "were", "be", "been", "being", "it", "its", "this", "that", "these", "those",
+    "his", "her", "their", "our", "my", "your", "some", "any", "no", "not", "very"
+])
+
+
+# -- words and tokens -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str  # as written, lower case
+    positions: tuple[int, ...]  # token positions in the conditioning's token axis
+
+
+def merge_word_pieces(pieces: list[tuple[int, str]]) -> list[Word]:
+    """Words from BPE pieces `(position, piece)`; a piece ending in `</w>` ends a word.
+
+    CLIP's BPE writes the end of a word as `</w>`, so "sunglasses" ->
+    `sun`, `glasses</w>` becomes one word with both positions. Pieces with no
+    letter or digit (punctuation) are dropped.
+    """
+    words, text, positions = [], "", []
+    for position, piece in pieces:
+        end = piece.endswith("</w>")
+        text += piece[: -len("</w>")] if end else piece
+        positions.append(position)
+        if end:
+            if re.search(r"\w", text):
+                words.append(Word(text.lower(), tuple(positions)))
+            text, positions = "", []
+    if positions and re.search(r"\w", text):
+        words.append(Word(text.lower(), tuple(positions)))
+    return words
+
+
+def select_words(words: list[Word], requested: str) -> dict[str, tuple[int, ...]]:
+    """Token positions of each requested word (comma-separated; an entry may be several words).
+
+    Every occurrence of a word in the prompt counts. Empty `requested` gives
+    every word of the prompt except function words. Raises ValueError naming a
+    word that is not in the prompt and listing the prompt's words.
+    """
+    entries = [e.strip().lower() for e in requested.split(",") if e.strip()]
+    if not entries:
+        entries = list(dict.fromkeys(w.text for w in words if w.text not in FUNCTION_WORDS))
+        if not entries:
+            raise ValueError("the prompt has no words to label segments with (only function words or none)")
+    by_text: dict[str, list[int]] = {}
+    for word in words:
+        by_text.setdefault(word.text, []).extend(word.positions)
+    selected = {}
+    for entry in entries:
+        positions = []
+        for part in re.findall(r"\w+", entry):
+            if part not in by_text:
+                listed = ", ".join(dict.fromkeys(w.text for w in words)) or "(none)"
+                raise ValueError(f"words: '{part}' is not in the prompt; the prompt's words are: {listed}")
+            positions += by_text[part]
+        if not positions:
+            raise ValueError(f"words: '{entry}' has no letters or digits")
+        selected[entry] = tuple(sorted(set(positions)))
+    return selected
+
+
+def fold_repeated_context(cross: torch.Tensor, prompt_tokens: int) -> torch.Tensor:
+    """Cross maps over the prompt's own tokens: `[..., K]` -> `[..., prompt_tokens]`.
+
+    ComfyUI repeats a text context to the least common multiple of the batch's
+    context lengths; a token then has K/prompt_tokens copies whose
+    probabilities add up.
+    """
+    keys = cross.shape[-1]
+    if keys % prompt_tokens:
+        raise ValueError(
+            f"the recorded cross-attention has {keys} text tokens, the prompt {prompt_tokens}: "
+            "the text given here is not the one the sampled conditioning was encoded from"
+        )
+    return cross.reshape(*cross.shape[:-1], keys // prompt_tokens, prompt_tokens).sum(-2)
+
+
+# -- maps on grids ---------------------------------------------------------------
+
+
+def resize_map(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`[h, w]` -> `[H, W]`: nearest when enlarging (each cell repeated, as the paper's
+    ×2 repeat), area mean when shrinking."""
+    if tuple(m.shape) == tuple(size):
+        return m
+    mode = "nearest" if size[0] >= m.shape[0] and size[1] >= m.shape[1] else "area"
+    return F.interpolate(m[None, None].float(), size=tuple(size), mode=mode)[0, 0]
+
+
+def normalise_word_map(m: torch.Tensor) -> torch.Tensor:
+    """local-prompt-mixing's normalisation of a noun map: `(m − |min m|) / max m`."""
+    return (m - m.min().abs()) / m.max()
+
+
+def word_maps(cross: torch.Tensor, grid: tuple[int, int], words: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Each word's cross-attention map `[h, w]`: the sum of its tokens' columns of `cross` `[HW, K]`."""
+    return {word: cross[:, list(positions)].sum(-1).reshape(grid) for word, positions in words.items()}
+
+
+# -- segmentation -----------------------------------------------------------------
+
+
+def kmeans_segments(self_attention: torch.Tensor, grid: tuple[int, int], clusters: int = 5, seed: int = 1) -> torch.Tensor:
+    """KMeans (n_init 10, seeded) on the rows of a self-attention map `[HW, HW]` -> labels `[h, w]`.
+
+    Labels are renumbered in raster order of first appearance, so the same
+    partition always gets the same numbers; an empty cluster leaves no label.
+    """
+    from sklearn.cluster import KMeans
+
+    tokens = grid[0] * grid[1]
+    if self_attention.shape != (tokens, tokens):
+        raise ValueError(f"self-attention map of shape {tuple(self_attention.shape)} is not {tokens}x{tokens} ({grid[0]}x{grid[1]} grid)")
+    if not 1 <= clusters <= tokens:
+        raise ValueError(f"segments: need between 1 and {tokens} (the tokens of the {grid[0]}x{grid[1]} grid), got {clusters}")
+    rows = self_attention.double().numpy()
+    raw = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(rows).labels_
+    order = {c: i for i, c in enumerate(dict.fromkeys(raw.tolist()))}
+    return torch.tensor([order[c] for c in raw.tolist()]).reshape(grid)
+
+
+@dataclass(frozen=True)
+class SegmentLabel:
+    segment: int
+    word: str  # a prompt word, or BACKGROUND
+    score: float  # the winning word's score (also reported for background)
+    scores: dict = field(default_factory=dict)  # every word's score on this segment
+
+
+def label_segments(labels: torch.Tensor, maps: dict[str, torch.Tensor], threshold: float = 0.35) -> list[SegmentLabel]:
+    """Label each segment with the word whose normalised map has the highest mean over it.
+
+    `maps` are raw word maps on any grid; each is resized to the label grid and
+    normalised (`normalise_word_map`). A segment whose best score is not above
+    `threshold` is background.
+    """
+    normalised = {w: normalise_word_map(resize_map(m.float(), tuple(labels.shape))) for w, m in maps.items()}
+    result = []
+    for segment in range(int(labels.max()) + 1):
+        inside = labels == segment
+        scores = {w: float(m[inside].mean()) for w, m in normalised.items()}
+        best = max(scores, key=scores.get) if scores else None
+        score = scores[best] if best is not None else 0.0
+        word = best if best is not None and score > threshold else BACKGROUND
+        result.append(SegmentLabel(segment, word, score, scores))
+    return result
+
+
+def upsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Segment labels `[h, w]` at image size `[H, W]` (nearest: every pixel keeps one label)."""
+    return F.interpolate(labels[None, None].float(), size=tuple(size), mode="nearest")[0, 0].long()
+
+
+def segment_masks(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """One mask per segment at `size` `[S, H, W]` (0/1); they partition the image."""
+    big = upsample_labels(labels, size)
+    return torch.stack([(big == s).float() for s in range(int(labels.max()) + 1)])
+
+
+def word_masks(masks: torch.Tensor, segment_labels: list[SegmentLabel], words: list[str]) -> torch.Tensor:
+    """For each word, the union of the segments labelled with it `[W, H, W]` (empty if none)."""
+    out = torch.zeros(len(words), *masks.shape[1:])
+    for i, word in enumerate(words):
+        for label in segment_labels:
+            if label.word == word:
+                out[i] = torch.maximum(out[i], masks[label.segment])
+    return out
+
+
+def describe_labels(segment_labels: list[SegmentLabel]) -> str:
+    """One line per segment: `0: cat 0.65 (cat 0.65, sunglasses 0.19)`, `1: background (cat 0.21, ...)`."""
+    lines = []
+    for label in segment_labels:
+        ranked = sorted(label.scores.items(), key=lambda kv: -kv[1])
+        detail = ", ".join(f"{w} {s:.2f}" for w, s in ranked)
+        head = f"{label.word} {label.score:.2f}" if label.word != BACKGROUND else BACKGROUND
+        lines.append(f"{label.segment}: {head} ({detail})")
+    return "\n".join(lines)
+
+
+# -- PCA ---------------------------------------------------------------------------
+
+
+def pca_rgb(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The first three principal components of per-token features `[HW, D]` as RGB `[h, w, 3]` in [0, 1].
+
+    Each component is min-max scaled on its own (Plug-and-Play's
+    visualisation); the sign of a component is fixed so its largest loading is
+    positive, which makes the colours deterministic.
+    """
+    x = features.double()
+    x = x - x.mean(0, keepdim=True)
+    vh = torch.linalg.svd(x, full_matrices=False).Vh
+    components = min(3, vh.shape[0])
+    signs = torch.sign(vh[:components].gather(1, vh[:components].abs().argmax(1, keepdim=True))).squeeze(1)
+    projected = x @ (vh[:components] * signs[:, None]).T
+    rgb = torch.zeros(x.shape[0], 3, dtype=torch.float64)
+    low, high = projected.min(0).values, projected.max(0).values
+    rgb[:, :components] = (projected - low) / (high - low).clamp_min(1e-12)
+    return rgb.reshape(*grid, 3).float()
+
+
+# -- pictures --------------------------------------------------------------------
+
+PALETTE = np.array([
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+], dtype=np.float32) / 255.0
+
+
+def segment_preview(labels_big: torch.Tensor, segment_labels: list[SegmentLabel], image: torch.Tensor | None = None) -> torch.Tensor:
+    """A coloured segment map `[H, W, 3]` in [0, 1], blended over `image` if given, with the labels written on it."""
+    from PIL import Image, ImageDraw, ImageFont
+    from scipy.ndimage import distance_transform_edt
+
+    ids = labels_big.long().numpy()
+    colours = PALETTE[ids % len(PALETTE)]
+    if image is not None:
+        colours = 0.5 * colours + 0.5 * image.float().numpy()[..., :3]
+    picture = Image.fromarray((colours * 255).round().clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default()
+    for label in segment_labels:
+        inside = ids == label.segment
+        if not inside.any():
+            continue
+        # write at the segment's deepest pixel (farthest from its border): on the segment even
+        # when it is scattered, and away from the other segments' labels
+        cy, cx = np.unravel_index(np.argmax(distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]), inside.shape)
+        text = f"{label.word} {label.score:.2f}" if label.word != BACKGROUND else BACKGROUND
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        x = int(np.clip(cx - (right - left) // 2, 0, max(0, ids.shape[1] - (right - left))))
+        y = int(np.clip(cy - (bottom - top) // 2, 0, max(0, ids.shape[0] - (bottom - top))))
+        draw.rectangle((x - 1, y - 1, x + right - left + 1, y + bottom - top + 1), fill=(0, 0, 0))
+        draw.text((x - left, y - top), text, fill=(255, 255, 255), font=font)
+    return torch.from_numpy(np.asarray(picture).astype(np.float32) / 255.0)
+
+
+def heat_colours(m: torch.Tensor) -> torch.Tensor:
+    """A map in [0, 1] `[H, W]` as colours `[H, W, 3]`: black -> red -> yellow -> white."""
+    m = m.clamp(0, 1)
+    return torch.stack([(3 * m).clamp(0, 1), (3 * m - 1).clamp(0, 1), (3 * m - 2).clamp(0, 1)], -1)
+
+
+def heat_overlay(m: torch.Tensor, image: torch.Tensor, opacity: float = 0.6) -> torch.Tensor:
+    """`image` `[H, W, 3]` with the heat colours of `m` (`[H, W]` in [0, 1]) laid over it."""
+    return (1 - opacity) * image[..., :3].float() + opacity * heat_colours(m)
+
+
+def min_max(m: torch.Tensor) -> torch.Tensor:
+    """`m` scaled to [0, 1] (a constant map becomes 0)."""
+    low, high = m.min(), m.max()
+    return (m - low) / (high - low) if high > low else torch.zeros_like(m)

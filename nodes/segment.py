@@ -1,0 +1,414 @@
+"""Attention maps as nodes: record them while sampling, then segment, label, heat-map and PCA them.
+
+`AttentionRecorder` puts the recorder (attention_patches/recorder.py) on a MODEL
+clone and hands out the record (ATTENTION_RECORD); a sampler using that MODEL
+fills it. The reading nodes take the record plus the sampler's LATENT output:
+ComfyUI then runs them after the sampler, and the record is checked to belong
+to that very result (a record refilled by another run, or emptied because
+ComfyUI re-created the recorder while reusing a cached sampler result, gives a
+clear error instead of wrong masks). `RecordAttentionPass` makes a record of a
+real image (VAEEncode output) with one noised model pass.
+
+The math lives in attention_patches/segmentation.py; what lives here is the
+ComfyUI side: the tokenizer that maps prompt words to token positions, the
+model pass, and image/mask tensors in ComfyUI's layouts.
+"""
+
+from __future__ import annotations
+
+import comfy.patcher_extension
+import comfy.sample
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+
+from ..attention_patches.recorder import CROSS, SELF, AttentionRecorder, RecordSelection
+from ..attention_patches.segmentation import (
+    describe_labels,
+    fold_repeated_context,
+    heat_overlay,
+    kmeans_segments,
+    label_segments,
+    merge_word_pieces,
+    min_max,
+    pca_rgb,
+    resize_map,
+    segment_masks,
+    segment_preview,
+    select_words,
+    upsample_labels,
+    word_maps,
+    word_masks,
+)
+from .patching import attach_router
+
+AttentionRecord = io.Custom("ATTENTION_RECORD")
+
+CATEGORY = "attention_lab/attention_maps"
+VAE_SCALE = 8  # pixels per latent cell of SD1.x/SD2.x/SDXL VAEs
+RUN_WRAPPER_KEY = "attention_lab.recorder"
+
+
+class RecordingRun:
+    """OUTER_SAMPLE wrapper: a sampling run starts a fresh record and stamps it with its result."""
+
+    def __init__(self, recorder: AttentionRecorder):
+        self.recorder = recorder
+
+    def __call__(self, executor, *args, **kwargs):
+        self.recorder.begin_run()
+        result = executor(*args, **kwargs)
+        self.recorder.finish_run(result)
+        return result
+
+    def __deepcopy__(self, memo):
+        return self  # model_options copies must keep pointing at the same record
+
+
+def add_recorder(model, selection: RecordSelection, node: str):
+    """A clone of `model` that records attention into a new recorder, and the recorder."""
+    patched = model.clone()
+    recorder = attach_router(patched, node=node).add(AttentionRecorder(selection))
+    return patched, recorder
+
+
+def prompt_words(clip, text: str, node: str):
+    """(the prompt's words with their token positions, the prompt's token count).
+
+    Positions index the conditioning's token axis (chunks of 77 one after the
+    other), so they address the columns of the recorded cross-attention. SD1.x
+    tokenizes with CLIP-L ("l"), SDXL with CLIP-L and CLIP-G ("l", "g"), which
+    place words at the same positions; both are read and must agree.
+    """
+    tokens = clip.tokenize(text)
+    keys = [key for key in ("l", "g") if key in tokens]
+    if not keys:
+        raise ValueError(f"{node}: clip: its tokenizer ({', '.join(tokens)}) is not a CLIP tokenizer; "
+                         "this node maps words for SD1.x, SD2.x and SDXL text encoders")
+    found = {}
+    for key in keys:
+        tokenizer = getattr(clip.tokenizer, f"clip_{key}")
+        pieces, offset = [], 0
+        for chunk in tokens[key]:
+            for position, entry in enumerate(chunk):
+                token = entry[0]
+                if position == 0 and token == tokenizer.start_token:
+                    continue
+                if not isinstance(token, int) or token == tokenizer.end_token:
+                    break  # end of this chunk's text (the rest is padding)
+                pieces.append((offset + position, tokenizer.inv_vocab[token]))
+            offset += len(chunk)
+        found[key] = (merge_word_pieces(pieces), offset)
+    if len({repr(v) for v in found.values()}) > 1:
+        raise ValueError(f"{node}: the CLIP-L and CLIP-G tokenizations of the prompt place its words differently")
+    return found[keys[0]]
+
+
+def _named(node: str, error: ValueError) -> ValueError:
+    """The error, prefixed with the node's name so the user sees which node to fix."""
+    return ValueError(str(error) if str(error).startswith(node) else f"{node}: {error}")
+
+
+def check_record(record: AttentionRecorder, latent: dict | None, node: str) -> None:
+    if record.is_empty:
+        raise ValueError(
+            f"{node}: the attention record is empty: no sampling with the MODEL from its AttentionRecorder has run "
+            "since the recorder was made (ComfyUI may have reused a cached sampler result: change the sampler's "
+            "seed or any input to run it again), or its layers/steps selection recorded nothing. Connect the "
+            "sampler's LATENT output to this node's latent input so that it runs after the sampler."
+        )
+    if latent is not None and record.result is not None and not record.belongs_to(latent["samples"]):
+        raise ValueError(
+            f"{node}: latent: the attention record belongs to another sampling result than the LATENT connected here "
+            "(the recorded MODEL was sampled again since, e.g. by a second sampler). Use one AttentionRecorder per "
+            "sampler and connect that sampler's LATENT output."
+        )
+
+
+def image_size(record: AttentionRecorder, image, latent) -> tuple[int, int]:
+    """Size of the masks: the image's if given, else the latent's × 8."""
+    if image is not None:
+        return int(image.shape[1]), int(image.shape[2])
+    shape = latent["samples"].shape if latent is not None else (record.result.shape if record.result is not None else record.latent_shape)
+    return int(shape[-2]) * VAE_SCALE, int(shape[-1]) * VAE_SCALE
+
+
+def image_for(image, index: int, images: int, node: str):
+    if image is None:
+        return None
+    if image.shape[0] not in (1, images):
+        raise ValueError(f"{node}: image: {image.shape[0]} images for a record of {images}; give 1 or {images}")
+    return image[index if image.shape[0] == images else 0]
+
+
+def recorded_maps(record: AttentionRecorder, kind: str, side: int, node: str):
+    try:
+        grid = record.closest_grid(kind, side)
+        return grid, record.mean(kind, grid)
+    except ValueError as error:
+        raise _named(node, error) from error
+
+
+WORDS_TOOLTIP = (
+    "Prompt words, comma-separated (an entry may hold several words: 'red car'). Empty: every word of the prompt "
+    "except function words (a, the, of, with, ...). Every occurrence of a word counts; multi-token words are merged."
+)
+CLIP_TOOLTIP = "The CLIP that encoded the positive prompt: its tokenizer maps the prompt's words to token positions."
+TEXT_TOOLTIP = "The positive prompt exactly as encoded for the sampler (the recorded cross-attention's tokens)."
+LATENT_TOOLTIP = (
+    "The LATENT output of the sampler that used the recorded MODEL: makes this node run after it and checks that "
+    "the record belongs to that result."
+)
+
+
+class AttentionRecorderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttentionRecorder",
+            display_name="Attention Recorder (Attention Lab)",
+            category=CATEGORY,
+            description=(
+                "Records the UNet's attention maps while a sampler runs the returned MODEL: running means over "
+                "steps, layers and heads of the self-attention (HW x HW) and cross-attention (HW x prompt tokens) "
+                "maps of the conditional pass, one map per resolution. Sampling results are unchanged. Feed the "
+                "record to SelfAttnSegment, CrossAttnHeatmap or SelfAttnPCA together with the sampler's LATENT."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample with (SD1.x, SD2.x, SDXL)."),
+                io.Int.Input(
+                    "max_resolution", default=32, min=1, max=256,
+                    tooltip="Record layers whose token grid has at most max_resolution² tokens (the paper: 32², "
+                            "i.e. 16², 32² on SD1.5 at 512 px and 32² on SDXL at 1024 px). Larger costs time and memory.",
+                ),
+                io.Boolean.Input(
+                    "include_middle", default=False,
+                    tooltip="Also record the middle block. The paper averages the encoder (down) and decoder (up) blocks only.",
+                ),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="First recorded step, as a fraction of the schedule (the paper: every step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Last recorded step, as a fraction of the schedule."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The model with the recorder; connect it to the sampler."),
+                AttentionRecord.Output(display_name="record", tooltip="The record the sampler fills; read it after the sampler."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, max_resolution, include_middle, start_percent, end_percent) -> io.NodeOutput:
+        try:
+            selection = RecordSelection(
+                blocks=frozenset({"input", "output", "middle"} if include_middle else {"input", "output"}),
+                max_tokens=max_resolution * max_resolution, start=start_percent, end=end_percent,
+            )
+        except ValueError as error:
+            raise _named("AttentionRecorder", error) from error
+        patched, recorder = add_recorder(model, selection, node="AttentionRecorder")
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_KEY, RecordingRun(recorder))
+        return io.NodeOutput(patched, recorder)
+
+
+class RecordAttentionPass(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RecordAttentionPass",
+            display_name="Record Attention of an Image (Attention Lab)",
+            category=CATEGORY,
+            description=(
+                "Records the attention maps of an existing image (VAEEncode output): noises the latent to the given "
+                "strength and runs one conditional model pass with the prompt, recording it like AttentionRecorder. "
+                "A light stand-in for the paper's inversion; to average over a whole trajectory, invert the image "
+                "and sample it back with AttentionRecorder instead."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model (SD1.x, SD2.x, SDXL)."),
+                io.Conditioning.Input("positive", tooltip="The prompt describing the image."),
+                io.Latent.Input("latent", tooltip="The image's latent, from VAEEncode."),
+                io.Float.Input("strength", default=0.5, min=0.01, max=1.0, step=0.01,
+                               tooltip="Noise level of the pass as a fraction of the schedule (1 = pure noise). "
+                                       "Low keeps the maps on the image's exact layout; high gives the model more say."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Seed of the added noise."),
+                io.Int.Input("max_resolution", default=32, min=1, max=256,
+                             tooltip="Record layers whose token grid has at most max_resolution² tokens (the paper: 32²)."),
+                io.Boolean.Input("include_middle", default=False,
+                                 tooltip="Also record the middle block (the paper: encoder and decoder blocks only)."),
+            ],
+            outputs=[
+                AttentionRecord.Output(display_name="record", tooltip="The record of the pass."),
+                io.Latent.Output(tooltip="The input latent, unchanged: connect it to the reading node's latent input."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent, strength, seed, max_resolution, include_middle) -> io.NodeOutput:
+        selection = RecordSelection(
+            blocks=frozenset({"input", "output", "middle"} if include_middle else {"input", "output"}),
+            max_tokens=max_resolution * max_resolution,
+        )
+        patched, recorder = add_recorder(model, selection, node="RecordAttentionPass")
+        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        sigma = float(model.get_model_object("model_sampling").percent_to_sigma(1.0 - strength))
+        noise = comfy.sample.prepare_noise(samples, seed)
+        # One Euler step from sigma to 0 is one model call; cfg 1 makes it the conditional pass alone.
+        comfy.sample.sample(patched, noise, 1, 1.0, "euler", "normal", positive, positive, samples,
+                            sigmas=torch.tensor([sigma, 0.0]), disable_pbar=True, seed=seed)
+        recorder.finish_run(latent["samples"])
+        return io.NodeOutput(recorder, latent)
+
+
+class SelfAttnSegment(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfAttnSegment",
+            display_name="Self-Attention Segment (Attention Lab)",
+            category=CATEGORY,
+            description=(
+                "Cuts the image into labelled segments from its attention maps (local-prompt-mixing): KMeans on the "
+                "rows of the averaged self-attention map, each segment labelled with the prompt word whose "
+                "normalised cross-attention is highest on it, or background below the threshold."
+            ),
+            inputs=[
+                AttentionRecord.Input("record", tooltip="From AttentionRecorder (after sampling) or RecordAttentionPass."),
+                io.Clip.Input("clip", tooltip=CLIP_TOOLTIP),
+                io.String.Input("text", multiline=True, tooltip=TEXT_TOOLTIP),
+                io.String.Input("words", default="", tooltip=WORDS_TOOLTIP + " These are the candidate labels and the word masks."),
+                io.Int.Input("segments", default=5, min=1, max=64, tooltip="Number of KMeans clusters (the paper: 5)."),
+                io.Int.Input("resolution", default=32, min=1, max=256,
+                             tooltip="Self-attention grid to cluster: the recorded one closest to resolution² tokens (the paper: 32²)."),
+                io.Int.Input("label_resolution", default=16, min=1, max=256,
+                             tooltip="Cross-attention grid for the labels: the recorded one closest to label_resolution² (the paper: 16²)."),
+                io.Float.Input("threshold", default=0.35, min=0.0, max=1.0, step=0.01,
+                               tooltip="A segment whose best word scores at most this is background (the paper: 0.35)."),
+                io.Int.Input("seed", default=1, min=0, max=2**31 - 1, tooltip="KMeans seed (the paper: 1); n_init is 10."),
+                io.Latent.Input("latent", optional=True, tooltip=LATENT_TOOLTIP),
+                io.Image.Input("image", optional=True,
+                               tooltip="The decoded image: the preview is drawn over it and the masks take its size "
+                                       "(without it: the latent's size × 8)."),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="segments", tooltip="One mask per segment (per image, in order); they partition the image."),
+                io.Mask.Output(display_name="word_masks", tooltip="One mask per word (per image): the union of the segments labelled with it."),
+                io.String.Output(display_name="labels", tooltip="Each segment's label and every word's score on it."),
+                io.Image.Output(display_name="preview", tooltip="The segments in colour with their labels."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, record, clip, text, words, segments, resolution, label_resolution, threshold, seed,
+                latent=None, image=None) -> io.NodeOutput:
+        node = "SelfAttnSegment"
+        check_record(record, latent, node)
+        try:
+            prompt, prompt_tokens = prompt_words(clip, text, node)
+            chosen = select_words(prompt, words)
+        except ValueError as error:
+            raise _named(node, error) from error
+        self_grid, self_maps = recorded_maps(record, SELF, resolution, node)
+        cross_grid, cross_maps = recorded_maps(record, CROSS, label_resolution, node)
+        size = image_size(record, image, latent)
+        all_masks, all_word_masks, texts, previews = [], [], [], []
+        try:
+            cross_maps = fold_repeated_context(cross_maps, prompt_tokens)
+            for index in range(self_maps.shape[0]):
+                labels = kmeans_segments(self_maps[index], self_grid, segments, seed)
+                segment_labels = label_segments(labels, word_maps(cross_maps[index], cross_grid, chosen), threshold)
+                masks = segment_masks(labels, size)
+                all_masks.append(masks)
+                all_word_masks.append(word_masks(masks, segment_labels, list(chosen)))
+                header = f"image {index}:\n" if self_maps.shape[0] > 1 else ""
+                texts.append(header + describe_labels(segment_labels))
+                previews.append(segment_preview(upsample_labels(labels, size), segment_labels,
+                                                image_for(image, index, self_maps.shape[0], node)))
+        except ValueError as error:
+            raise _named(node, error) from error
+        return io.NodeOutput(torch.cat(all_masks), torch.cat(all_word_masks), "\n".join(texts), torch.stack(previews))
+
+
+class CrossAttnHeatmap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CrossAttnHeatmap",
+            display_name="Cross-Attention Heat Map (Attention Lab)",
+            category=CATEGORY,
+            description=(
+                "Shows where each prompt word fed the image: its cross-attention map (averaged over the recorded "
+                "steps, layers and heads; a multi-token word's tokens summed) over the decoded image."
+            ),
+            inputs=[
+                AttentionRecord.Input("record", tooltip="From AttentionRecorder (after sampling) or RecordAttentionPass."),
+                io.Clip.Input("clip", tooltip=CLIP_TOOLTIP),
+                io.String.Input("text", multiline=True, tooltip=TEXT_TOOLTIP),
+                io.String.Input("words", default="", tooltip=WORDS_TOOLTIP),
+                io.Image.Input("image", tooltip="The decoded image to draw the maps over (it also orders this node after the sampler)."),
+                io.Int.Input("resolution", default=16, min=1, max=256,
+                             tooltip="Cross-attention grid: the recorded one closest to resolution² tokens (16² as in Prompt-to-Prompt)."),
+                io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05, tooltip="Opacity of the heat colours over the image."),
+                io.Latent.Input("latent", optional=True, tooltip=LATENT_TOOLTIP),
+            ],
+            outputs=[
+                io.Image.Output(display_name="heatmaps", tooltip="One image per word (per image, in order): the map over the image."),
+                io.Mask.Output(display_name="maps", tooltip="The maps themselves, each scaled to 0..1, at the image's size."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, record, clip, text, words, image, resolution, opacity, latent=None) -> io.NodeOutput:
+        node = "CrossAttnHeatmap"
+        check_record(record, latent, node)
+        try:
+            prompt, prompt_tokens = prompt_words(clip, text, node)
+            chosen = select_words(prompt, words)
+            grid, cross_maps = recorded_maps(record, CROSS, resolution, node)
+            cross_maps = fold_repeated_context(cross_maps, prompt_tokens)
+        except ValueError as error:
+            raise _named(node, error) from error
+        size = image_size(record, image, latent)
+        overlays, maps = [], []
+        for index in range(cross_maps.shape[0]):
+            picture = image_for(image, index, cross_maps.shape[0], node)
+            for m in word_maps(cross_maps[index], grid, chosen).values():
+                big = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+                big = min_max(big)
+                maps.append(big)
+                overlays.append(heat_overlay(big, picture, opacity))
+        return io.NodeOutput(torch.stack(overlays), torch.stack(maps))
+
+
+class SelfAttnPCA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfAttnPCA",
+            display_name="Self-Attention PCA (Attention Lab)",
+            category=CATEGORY,
+            description=(
+                "The first three principal components of the self-attention features (each token's averaged "
+                "attention row) as red, green and blue, as in Plug-and-Play's feature visualisations: regions the "
+                "model treats as one part share a colour."
+            ),
+            inputs=[
+                AttentionRecord.Input("record", tooltip="From AttentionRecorder (after sampling) or RecordAttentionPass."),
+                io.Int.Input("resolution", default=32, min=1, max=256,
+                             tooltip="Self-attention grid: the recorded one closest to resolution² tokens."),
+                io.Latent.Input("latent", optional=True, tooltip=LATENT_TOOLTIP),
+                io.Image.Input("image", optional=True, tooltip="Only its size is used (without it: the latent's size × 8)."),
+            ],
+            outputs=[io.Image.Output(tooltip="Three principal components as RGB, one image per image of the record.")],
+        )
+
+    @classmethod
+    def execute(cls, record, resolution, latent=None, image=None) -> io.NodeOutput:
+        node = "SelfAttnPCA"
+        check_record(record, latent, node)
+        grid, self_maps = recorded_maps(record, SELF, resolution, node)
+        size = image_size(record, image, latent)
+        pictures = [
+            torch.stack([resize_map(channel, size) for channel in pca_rgb(features, grid).unbind(-1)], -1)
+            for features in self_maps
+        ]
+        return io.NodeOutput(torch.stack(pictures))
