@@ -1,0 +1,504 @@
+"""StyleAligned (Hertz et al. 2024): images of a batch share the style of a reference image.
+
+The equations (methods.md §1, as google/style-aligned's `sa_handler.py` computes them),
+per self-attention layer, for every target image i and the reference r of its chunk:
+
+    μ(X) = mean_N X,  σ(X) = √(var_N(X, unbiased) + 1e-5)       per head and channel
+    adain(X_i, X_r) = σ(X_r)·(X_i − μ(X_i))/σ(X_i) + μ(X_r)
+    Q̂_i = adain(Q_i, Q_r),  K̂_i = adain(K_i, K_r)               (V only if adain_values)
+    out_i = softmax([Q̂_i K̂_iᵀ, Q̂_i (s·K_r)ᵀ + δ] / √d) · [V_i; V_r]
+
+`s` = shared_score_scale, `δ` = shared_score_shift. The reference itself is left
+alone: in the paper's code its keys are [K_r; K_r] (the scale is not applied on its
+own row) with values [V_r; V_r], which gives exactly plain attention whatever δ is,
+so its row is computed as plain attention. Q, K, V are `[B, N, heads*dim_head]`;
+statistics per (head, channel) are per column of that layout, so no head split is
+needed. Everything goes through `attend` (ComfyUI's fused attention): δ is an
+additive `[1, 2N]` row broadcast over queries, never an N×2N matrix per head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .call import AttentionCall, ChunkLayout, Layer, StepClock
+from .router import AttentionTechnique
+
+ADAIN_EPS = 1e-5
+BLOCKS = ("input", "middle", "output")
+
+
+# -- the math -----------------------------------------------------------------
+
+
+def token_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """μ and σ of `x` `[B, N, C]` over tokens, per channel: `[B, 1, C]` each, at least float32.
+
+    The reduction runs in x's dtype (CUDA accumulates half in float32); the small
+    statistics are then taken to float32 so that `+ 1e-5` is not lost in fp16.
+    """
+    var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=1)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return mean.to(dtype), (var.to(dtype) + ADAIN_EPS).sqrt()
+
+
+def adain(x: torch.Tensor, reference: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """σ(r)·(x − μ(x))/σ(x) + μ(r) for x `[S, N, C]` against reference `[1 | S, N, C]`.
+
+    Written as one fused multiply-add `x·gain + bias` (gain = σ(r)/σ(x), bias =
+    μ(r) − μ(x)·gain); `out` may be a view to write into (e.g. the first N keys).
+    """
+    mean, std = token_statistics(x)
+    ref_mean, ref_std = token_statistics(reference)
+    gain = ref_std / std
+    bias = ref_mean - mean * gain
+    return torch.addcmul(bias.to(x.dtype), x, gain.to(x.dtype), out=out)
+
+
+@dataclass(frozen=True)
+class SharedGroup:
+    """One chunk's reference row and the rows that share its style."""
+
+    reference: int
+    targets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StyleAlignedOptions:
+    """The paper's `StyleAlignedArgs` that act on attention, with its defaults."""
+
+    adain_queries: bool = True
+    adain_keys: bool = True
+    adain_values: bool = False
+    shared_score_scale: float = 1.0
+    shared_score_shift: float = 0.0
+    full_attention_share: bool = False
+
+
+def _rows(x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """x[rows] as a view when the rows are consecutive (no copy), else a gathered copy."""
+    start = rows[0]
+    if list(rows) == list(range(start, start + len(rows))):
+        return x[start : start + len(rows)]
+    return x[torch.as_tensor(rows, device=x.device)]
+
+
+def _as_4d(mask: torch.Tensor) -> torch.Tensor:
+    """An additive mask `[Nq,Nk]`, `[B|1,Nq,Nk]` or `[B|1,H|1,Nq,Nk]` as 4-D."""
+    if mask.ndim == 2:
+        return mask[None, None]
+    return mask.unsqueeze(1) if mask.ndim == 3 else mask
+
+
+def _mask_rows(mask: torch.Tensor | None, rows: Sequence[int]) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    m = _as_4d(mask)
+    return m if m.shape[0] == 1 else _rows(m, rows)
+
+
+def shared_keys_mask(
+    mask: torch.Tensor | None, groups: Sequence[SharedGroup], tokens: int, shift: float, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The additive mask over [own keys; reference keys] for every target row, or None.
+
+    Without a mask from further out this is the `[1, 2N]` row `[0…0, δ…δ]` (None when
+    δ = 0). A mask set further out (on the N own keys) is carried over to both key
+    blocks: a target's own columns keep its own mask, the reference columns take
+    the reference row's mask, plus δ.
+    """
+    if mask is None:
+        if shift == 0:
+            return None
+        row = torch.zeros(1, 2 * tokens, dtype=dtype)
+        row[:, tokens:] = shift
+        return row
+    targets = [t for g in groups for t in g.targets]
+    references = [g.reference for g in groups for _ in g.targets]
+    own = _mask_rows(mask, targets)
+    ref = _mask_rows(mask, references)
+    if own.shape[0] != ref.shape[0]:
+        ref = ref.expand(own.shape[0], *ref.shape[1:])
+    return torch.cat([own.to(dtype), ref.to(dtype) + shift], dim=-1)
+
+
+def shared_attention(q, k, v, groups: Sequence[SharedGroup], attend: Callable, options: StyleAlignedOptions,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """StyleAligned self-attention of a batch `[B, N, C]`; rows in no group's targets get plain attention."""
+    if options.full_attention_share:
+        return full_attention_share(q, k, v, groups, attend, mask)
+    targets = [t for g in groups for t in g.targets]
+    if not targets:
+        return attend(q, k, v, mask)
+    n = q.shape[1]
+    s = len(targets)
+    q_shared = torch.empty_like(q[:s]) if options.adain_queries else _rows(q, targets)
+    k_shared = q.new_empty(s, 2 * n, k.shape[-1])  # [K̂_i ; s·K_r]
+    v_shared = q.new_empty(s, 2 * n, v.shape[-1])  # [V_i ; V_r]
+    start = 0
+    for group in groups:
+        if not group.targets:
+            continue
+        span = slice(start, start + len(group.targets))
+        start = span.stop
+        r = group.reference
+        q_i, k_i, v_i = (_rows(x, group.targets) for x in (q, k, v))
+        q_r, k_r, v_r = q[r : r + 1], k[r : r + 1], v[r : r + 1]
+        if options.adain_queries:
+            adain(q_i, q_r, out=q_shared[span])
+        if options.adain_keys:
+            adain(k_i, k_r, out=k_shared[span, :n])
+        else:
+            k_shared[span, :n] = k_i
+        if options.adain_values:
+            adain(v_i, v_r, out=v_shared[span, :n])
+        else:
+            v_shared[span, :n] = v_i
+        # adain(K_r, K_r) is the identity: the reference's keys enter as they are.
+        torch.mul(k_r.expand(len(group.targets), -1, -1), options.shared_score_scale, out=k_shared[span, n:])
+        v_shared[span, n:] = v_r
+    shared_mask = shared_keys_mask(mask, groups, n, options.shared_score_shift, q.dtype)
+    shared_out = attend(q_shared, k_shared, v_shared, shared_mask)
+    return _with_plain_rows(shared_out, targets, q, k, v, attend, mask)
+
+
+def _with_plain_rows(rows_out, rows, q, k, v, attend, mask):
+    """The batch output: `rows_out` at `rows`, plain attention on every other row."""
+    batch = q.shape[0]
+    if list(rows) == list(range(batch)):
+        return rows_out
+    out = rows_out.new_empty(batch, *rows_out.shape[1:])
+    out[torch.as_tensor(rows, device=q.device)] = rows_out
+    taken = set(rows)
+    plain = [i for i in range(batch) if i not in taken]
+    if plain:
+        out[torch.as_tensor(plain, device=q.device)] = attend(
+            _rows(q, plain), _rows(k, plain), _rows(v, plain), _mask_rows(mask, plain)
+        )
+    return out
+
+
+def full_attention_share(q, k, v, groups: Sequence[SharedGroup], attend: Callable,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The paper's ablation: each chunk's sharing images attend jointly to all their tokens, no AdaIN.
+
+    The images of a group (reference and targets) become one sequence of |group|·N
+    tokens; rows in no group get plain attention.
+    """
+    if mask is not None:
+        raise ValueError(
+            "SharedAttentionStyleAlign: full_attention_share cannot be combined with another node that masks "
+            "self-attention; turn full_attention_share off or remove the masking node"
+        )
+    n = q.shape[1]
+    rows, outputs = [], []
+    for group in groups:
+        if not group.targets:
+            continue
+        members = [group.reference, *group.targets]
+        joint = [_rows(x, members).reshape(1, len(members) * n, x.shape[-1]) for x in (q, k, v)]
+        outputs.append(attend(*joint).reshape(len(members), n, -1))
+        rows += members
+    if not rows:
+        return attend(q, k, v)
+    return _with_plain_rows(torch.cat(outputs), rows, q, k, v, attend, None)
+
+
+def shared_group_norm(x: torch.Tensor, groups: Sequence[SharedGroup], norm: Callable) -> torch.Tensor:
+    """`share_group_norm`: a target's GroupNorm statistics come from concat(x_i, x_r) along H.
+
+    `norm` is the layer's own GroupNorm forward; x is `[B, C, H, ...]`. The joint map
+    is normalised and x_i's half kept, as the paper's code does; the reference
+    (concatenated with itself the statistics would not change) and rows in no group
+    are normalised alone.
+    """
+    targets = [t for g in groups for t in g.targets]
+    if not targets:
+        return norm(x)
+    references = [g.reference for g in groups for _ in g.targets]
+    h = x.shape[2]
+    joint = torch.cat([_rows(x, targets), _rows(x, references)], dim=2)
+    shared = norm(joint)[:, :, :h]
+    out = norm(x)
+    out[torch.as_tensor(targets, device=x.device)] = shared
+    return out
+
+
+# -- which rows, layers and steps ------------------------------------------------
+
+
+def parse_image_list(text: str, name: str = "share_with") -> tuple[int, ...] | None:
+    """User text → image indices: "" or "all" → None (every other image); "1, 3" or "[1, 3]" → (1, 3).
+
+    Parsed as JSON data (a bare comma list is read as a JSON array), never evaluated.
+    """
+    text = (text or "").strip()
+    if text.lower() in ("", "all"):
+        return None
+    source = text if text.startswith("[") else f"[{text}]"
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{name}: expected image indices like '1, 2, 3' or '[1, 2]' or 'all', got {text!r}") from error
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        raise ValueError(f"{name}: expected a list of non-negative integer image indices, got {text!r}")
+    return tuple(sorted(set(value)))
+
+
+def sharing_groups(layout: ChunkLayout, reference: int, share_with: tuple[int, ...] | None) -> list[SharedGroup]:
+    """The reference row and its target rows in every chunk (cond and uncond alike).
+
+    Raises ValueError naming the input when the batch has no such image.
+    """
+    images = layout.images
+    if reference >= images:
+        raise ValueError(
+            f"SharedAttentionStyleAlign: reference_index is {reference} but the batch has {images} image(s) "
+            f"(indices 0..{images - 1})"
+        )
+    if share_with is None:
+        chosen = [i for i in range(images) if i != reference]
+    else:
+        beyond = [i for i in share_with if i >= images]
+        if beyond:
+            raise ValueError(
+                f"SharedAttentionStyleAlign: share_with names image(s) {beyond} but the batch has {images} image(s)"
+            )
+        chosen = [i for i in share_with if i != reference]
+    return [
+        SharedGroup(layout.row(chunk, reference), tuple(layout.row(chunk, i) for i in chosen))
+        for chunk in range(len(layout.cond_or_uncond))
+    ]
+
+
+def paper_layer_order(layers: Sequence[Layer]) -> list[Layer]:
+    """Self-attention layers in the order the paper's `only_self_level` counts them.
+
+    The official code enumerates diffusers' `unet.attn_processors`, whose module order
+    is down blocks, up blocks, then the mid block (diffusers registers `up_blocks`
+    before `mid_block`); ComfyUI's input/output/middle map onto those one to one.
+    """
+    rank = {"input": 0, "output": 1, "middle": 2}
+    return sorted(map(tuple, layers), key=lambda l: (rank[l[0]], l[1], l[2]))
+
+
+def plain_layers(layers: Sequence[Layer], only_self_level: float) -> set[Layer]:
+    """Layers that fall back to plain attention for `only_self_level` (paper: `_get_switch_vec`).
+
+    0 → none (every layer shares); 1 → all; otherwise int(level·L) layers, every
+    (L // that)-th one in the paper's order, counted from the complement above 0.5.
+    """
+    if not 0.0 <= only_self_level <= 1.0:
+        raise ValueError(f"only_self_level: expected a fraction in [0, 1], got {only_self_level}")
+    ordered = paper_layer_order(layers)
+    total = len(ordered)
+    if only_self_level == 0:
+        return set()
+    if only_self_level == 1:
+        return set(ordered)
+    flip = only_self_level > 0.5
+    level = 1 - only_self_level if flip else only_self_level
+    switched = int(level * total)
+    if switched == 0:
+        every = None  # fewer layers than 1/level: the paper's code would divide by zero; none switch
+    else:
+        every = total // switched
+    chosen = {layer for i, layer in enumerate(ordered) if every is not None and i % every == 0}
+    return set(ordered) - chosen if flip else chosen
+
+
+def parse_blocks(text: str) -> frozenset[str]:
+    """"all" or a comma list of input / middle / output → the set of UNet blocks that share."""
+    text = (text or "").strip().lower()
+    if text in ("", "all"):
+        return frozenset(BLOCKS)
+    names = {part.strip() for part in text.replace("+", ",").split(",") if part.strip()}
+    unknown = names - set(BLOCKS)
+    if unknown:
+        raise ValueError(f"blocks: expected 'all' or a list of input, middle, output; got {sorted(unknown)}")
+    return frozenset(names)
+
+
+def check_step_range(start_percent: float, end_percent: float) -> None:
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise ValueError(
+            f"start_percent/end_percent: expected 0 <= start <= end <= 1, got {start_percent} and {end_percent}"
+        )
+
+
+def in_step_range(progress: float | None, start_percent: float, end_percent: float) -> bool:
+    """Active on steps with start ≤ progress < end (progress = step/total); always outside sampling."""
+    # progress = step/total < 1 on every step, so end = 1 covers the whole schedule
+    return progress is None or start_percent <= progress < end_percent
+
+
+# -- the technique ----------------------------------------------------------------
+
+
+@dataclass
+class StyleAlignedSettings:
+    """Everything the node sets; validated on construction."""
+
+    reference_index: int = 0
+    share_with: tuple[int, ...] | None = None
+    attention: StyleAlignedOptions = field(default_factory=StyleAlignedOptions)
+    only_self_level: float = 0.0
+    blocks: frozenset[str] = frozenset(BLOCKS)
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+
+    def __post_init__(self):
+        if self.reference_index < 0:
+            raise ValueError(f"reference_index: expected an image index >= 0, got {self.reference_index}")
+        if not math.isfinite(self.attention.shared_score_shift):
+            raise ValueError(f"shared_score_shift: expected a finite number, got {self.attention.shared_score_shift}")
+        check_step_range(self.start_percent, self.end_percent)
+
+    def groups(self, layout: ChunkLayout) -> list[SharedGroup]:
+        return sharing_groups(layout, self.reference_index, self.share_with)
+
+
+class StyleAligned(AttentionTechnique):
+    """Shared self-attention against a reference image, on the layers and steps the settings select."""
+
+    name = "style_aligned"
+    # Innermost: techniques further out see the plain N-token call; a mask they set
+    # is carried over to the reference key block (see `shared_keys_mask`).
+    order = 200
+
+    def __init__(self, settings: StyleAlignedSettings, layers: Sequence[Layer]):
+        self.settings = settings
+        plain = plain_layers(layers, settings.only_self_level)
+        self.layers = frozenset(l for l in map(tuple, layers) if l not in plain and l[0] in settings.blocks)
+
+    def active(self, layout: ChunkLayout, progress: float | None) -> bool:
+        """Whether this model call shares at all (a batch of one image never does)."""
+        s = self.settings
+        return layout.images > 1 and in_step_range(progress, s.start_percent, s.end_percent)
+
+    def wants(self, call: AttentionCall) -> bool:
+        return call.is_self and tuple(call.layer) in self.layers and self.active(call.layout, call.progress)
+
+    def __call__(self, q, k, v, call: AttentionCall, attend, mask=None):
+        latent_rows = (call.options.get("original_shape") or q.shape)[0]
+        if q.shape[0] != latent_rows:
+            # e.g. HyperTile folds attention tiles into the batch: rows are no longer images
+            raise ValueError(
+                f"SharedAttentionStyleAlign: self-attention at {call.layer} has {q.shape[0]} rows for a batch of "
+                f"{latent_rows} latents: another patch (e.g. HyperTile) split the images into tiles, and the "
+                "reference image can no longer be found; remove that patch or StyleAligned"
+            )
+        return shared_attention(q, k, v, self.settings.groups(call.layout), attend, self.settings.attention, mask)
+
+
+class SharedNormState:
+    """Which rows share GroupNorm statistics during the current UNet forward (None: none).
+
+    Set by the model wrapper around each forward, read by every patched GroupNorm:
+    GroupNorm has no transformer_options, so the batch layout reaches it this way.
+    """
+
+    def __init__(self):
+        self.groups: list[SharedGroup] | None = None
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class SharedGroupNormForward:
+    """A GroupNorm's forward with `share_group_norm`: installed per module, calls the module's own forward."""
+
+    def __init__(self, forward: Callable, state: SharedNormState):
+        self.forward = forward
+        self.state = state
+
+    def __call__(self, x):
+        groups = self.state.groups
+        if not groups:
+            return self.forward(x)
+        return shared_group_norm(x, groups, self.forward)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def zero_reference_control(control: dict | None, groups: Sequence[SharedGroup], batch: int) -> dict | None:
+    """ControlNet residuals with the reference rows zeroed (the paper gives the reference no control).
+
+    `control` is ComfyUI's `{"input"|"middle"|"output": [tensor | None, ...]}`; residuals
+    whose batch is not the UNet batch (nor 1) cannot be addressed by row and pass
+    unchanged. New tensors are returned: residuals may be shared between entries.
+    """
+    if not control or not groups:
+        return control
+    references = [g.reference for g in groups if g.targets]
+    if not references:
+        return control
+    out = {}
+    for key, residuals in control.items():
+        if not isinstance(residuals, list):
+            out[key] = residuals
+            continue
+        zeroed = []
+        for r in residuals:
+            if isinstance(r, torch.Tensor) and r.shape[0] in (1, batch):
+                keep = torch.ones(batch, *([1] * (r.ndim - 1)), dtype=r.dtype, device=r.device)
+                keep[references] = 0
+                r = r * keep
+            zeroed.append(r)
+        out[key] = zeroed
+    return out
+
+
+def call_progress(clock: StepClock, options: dict) -> float | None:
+    """step/total of the current model call, from the sigmas in transformer_options."""
+    step, total, _ = clock.read(options)
+    if step is None or not total:
+        return None
+    return step / total
+
+
+# -- style from a real image --------------------------------------------------------
+
+
+def trajectory_step(step: int, offset: int) -> int:
+    """Which inversion latent (in sampling order, 0 = noisiest) the reference takes at sampling step `step`.
+
+    The paper's transfer notebook starts the reference at zts[offset] and, after every
+    step i, overwrites it with zts[max(offset + 1, i + 1)]: so step 0 sees `offset`
+    and step i ≥ 1 sees max(offset + 1, i). The offset starts the reference a few
+    steps cleaner than the batch, so its structure is there from the first step.
+    """
+    return offset if step == 0 else max(offset + 1, step)
+
+
+class ReferenceTrajectory:
+    """An inverted reference latent per sampling step: the reference branch of a style-from-photo batch.
+
+    `latents` `[n+1, C, H, W]` in sampling order (noisiest first) with their `sigmas`
+    `[n+1]` (descending), in the sampler's scaling (`x = x0 + σ·ε`).
+    """
+
+    def __init__(self, latents: torch.Tensor, sigmas: torch.Tensor, offset: int):
+        if latents.shape[0] != sigmas.shape[0]:
+            raise ValueError(f"a trajectory needs one latent per sigma, got {latents.shape[0]} and {sigmas.shape[0]}")
+        if not 0 <= offset < latents.shape[0] - 1:
+            raise ValueError(f"offset: expected 0..{latents.shape[0] - 2} (the inversion has {latents.shape[0] - 1} steps), "
+                             f"got {offset}")
+        self.latents = latents
+        self.sigmas = sigmas.double().cpu()
+        self.offset = offset
+
+    def latent_at(self, sigma: float) -> torch.Tensor:
+        """The reference latent `[1, C, H, W]` for a model call at `sigma` (nearest inverted step)."""
+        step = int(torch.argmin((self.sigmas - float(sigma)).abs()))
+        index = min(trajectory_step(step, self.offset), self.latents.shape[0] - 1)
+        return self.latents[index : index + 1]
+
+    def __deepcopy__(self, memo):
+        return self
