@@ -1,0 +1,259 @@
+"""BoundedAttentionLayout: several subjects, each in its box (Bounded Attention, methods.md §3).
+
+The math is attention_patches/bounded.py. This adapter resolves the subjects to
+token positions through the tokenizer that encoded the prompt, parses the boxes,
+puts the masks on the router and, for guidance, wraps the model's conds batch
+(`WrappersMP.CALC_COND_BATCH`): sampler-agnostic, on the clone this node owns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import torch
+
+import comfy.patcher_extension
+from comfy_api.latest import io
+
+from ..attention_patches import bounded as ba
+from ..attention_patches.call import StepClock
+from .patching import attach_router
+
+NODE = "BoundedAttentionLayout"
+WRAPPER_KEY = "attention_lab.bounded_guidance"
+GUIDANCE_CHOICES = ["bounded", "layout_guidance", "attend_and_excite", "off"]
+log = logging.getLogger("attention_lab")
+
+
+# --- subjects and boxes -----------------------------------------------------------
+
+
+def _token_ids(clip, text: str) -> list[int]:
+    """Token ids of the first 77-token chunk of `text`, as the CLIP that encoded the prompt tokenizes it."""
+    tokens = clip.tokenize(text)
+    name = "l" if "l" in tokens else next(iter(tokens), None)
+    if name is None or not tokens[name]:
+        raise ValueError(f"{NODE}: clip: this text encoder's tokenizer gives no CLIP tokens; SD1.x/SD2.x/SDXL CLIP is needed")
+    return [int(t[0]) for t in tokens[name][0]]
+
+
+def _words(clip, text: str) -> list[int]:
+    """The ids of `text` without start, end and padding tokens."""
+    ids = _token_ids(clip, text)
+    start, end = ids[0], _end_token(ids)
+    return [t for t in ids[1:] if t not in (start, end, 0)]
+
+
+def _end_token(ids: list[int]) -> int:
+    # CLIP's end token is the one after the last word; SD1's tokenizer also pads with it
+    return 49407 if 49407 in ids else ids[-1]
+
+
+def resolve_layout(clip, prompt: str, subjects: list[str], boxes: list, filter_words: bool) -> ba.BoundedLayout:
+    """Token positions of every subject, EOS and the filter words in `prompt`, with the boxes."""
+    ids = _token_ids(clip, prompt)
+    end = _end_token(ids)
+    if end not in ids[1:]:
+        raise ValueError(f"{NODE}: prompt: longer than one {ba.CHUNK_TOKENS}-token chunk; shorten it to under 75 tokens")
+    eos = ids.index(end, 1)
+    words = ids[1:eos]
+    subject_tokens = []
+    for name in subjects:
+        sub = _words(clip, name)
+        found = [i for i in range(len(words) - len(sub) + 1) if sub and words[i:i + len(sub)] == sub]
+        if not found:
+            raise ValueError(f"{NODE}: subjects: {name!r} is not in the prompt {prompt!r} (it must appear word for word)")
+        subject_tokens.append(tuple(found[0] + 1 + j for j in range(len(sub))))
+    filters = set()
+    if filter_words:
+        for word in set(re.findall(r"[A-Za-z0-9]+", prompt.lower())):
+            if ba.is_filter_word(word):
+                sub = _words(clip, word)
+                if len(sub) == 1:
+                    filters |= {i + 1 for i, t in enumerate(words) if t == sub[0]}
+    return ba.BoundedLayout(boxes=tuple(boxes), subject_tokens=tuple(subject_tokens), eos_token=eos,
+                            filter_tokens=tuple(sorted(filters)), names=tuple(subjects))
+
+
+def parse_subjects(text: str) -> list[str]:
+    subjects = [s.strip() for s in text.splitlines() if s.strip()]
+    if not subjects:
+        raise ValueError(f"{NODE}: subjects: give one subject (a word or phrase of the prompt) per line")
+    return subjects
+
+
+def parse_boxes(text: str, subjects: list[str], width: int, height: int) -> list[tuple]:
+    """Boxes `[x0, y0, x1, y1]`, one per subject, normalised; pixel boxes (whole numbers, some > 1) are divided by width/height.
+
+    JSON: a list in subject order, or an object {subject: box}.
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{NODE}: boxes: not valid JSON ({e.msg}, line {e.lineno} column {e.colno}); "
+                         "expected [[x0, y0, x1, y1], ...] or {\"subject\": [x0, y0, x1, y1]}") from None
+    if isinstance(data, dict):
+        unknown = [k for k in data if k not in subjects]
+        if unknown:
+            raise ValueError(f"{NODE}: boxes: {unknown} are not among the subjects {subjects}")
+        data = [data.get(s) for s in subjects]
+    if not isinstance(data, list):
+        raise ValueError(f"{NODE}: boxes: expected a JSON list of [x0, y0, x1, y1] boxes, got {type(data).__name__}")
+    if len(data) > len(subjects):
+        raise ValueError(f"{NODE}: boxes: {len(data)} boxes for {len(subjects)} subjects; give one box per subject line")
+    missing = [s for s, b in zip(subjects, data) if b is None] + subjects[len(data):]
+    if missing:
+        raise ValueError(f"{NODE}: boxes: no box for subject(s) {missing}; give one box per subject line")
+    # pixel boxes: whole numbers, some above 1 (a fraction above 1 is a normalised box out of range)
+    numbers = [c for b in data if isinstance(b, list) for c in b if isinstance(c, (int, float))]
+    pixels = any(c > 1 for c in numbers) and all(float(c).is_integer() for c in numbers)
+    boxes = []
+    for subject, box in zip(subjects, data):
+        if pixels and isinstance(box, list) and len(box) == 4 and all(isinstance(c, (int, float)) for c in box):
+            box = [box[0] / width, box[1] / height, box[2] / width, box[3] / height]
+        boxes.append(ba.check_box(box, f"{NODE}: boxes: the box of {subject!r}" + (f" (pixels of {width}x{height})" if pixels else "")))
+    return boxes
+
+
+# --- guidance inside sampling -----------------------------------------------------------
+
+
+class BoundedGuidanceWrapper:
+    """`calc_cond_batch` wrapper: at guided steps, optimise the latent, then predict every cond at it.
+
+    Wrapping the batch of conds (not a single UNet call) gives one place per
+    model evaluation that sees the positive prompt, whether ComfyUI then runs
+    cond and uncond together or apart. Guidance passes run the positive cond
+    only (the loss reads the conditional rows, as the authors' does).
+    The latent is optimised in the UNet's input space z = c_in(σ)·x (the authors'
+    latent), so η means what it means in their code: x ← x − η·∇_x L / c_in².
+    The sampler keeps its own x; the returned predictions make its step the step
+    from the guided latent (`sampler_consistent_denoised`).
+    """
+
+    def __init__(self, technique: ba.BoundedAttention, ordinals: dict):
+        self.technique = technique
+        self.ordinals = ordinals
+        self.clock = StepClock()
+        self.losses: list[tuple[int, list[float]]] = []  # (step, normalised losses) of the current run
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, model, conds, x, timestep, model_options):
+        options = {"sigmas": timestep, "sample_sigmas": model_options.get("transformer_options", {}).get("sample_sigmas")}
+        step, _, sigma = self.clock.read(options)
+        schedule = options["sample_sigmas"]
+        if (not self.technique.guides(step) or conds[0] is None or step + 1 >= len(schedule)
+                or abs(float(schedule[step]) - sigma) > 1e-4 * max(sigma, 1e-8)):
+            # not guided, no positive prompt (cfg 1 keeps it), or an intermediate evaluation (Heun, DPM2, ...)
+            return executor(model, conds, x, timestep, model_options)
+        if step == 0:
+            self.losses = []
+        c_in = model.model_sampling.calculate_input(timestep, torch.ones_like(x))
+        guided, losses = ba.guided_latent(
+            lambda v: executor(model, conds[:1], v, timestep, model_options), self.technique, x, step, self.ordinals,
+            preconditioner=1.0 / c_in ** 2,
+        )
+        self.losses.append((step, losses))
+        log.info("[Attention Lab] %s: step %d, %s loss %s", NODE, step, self.technique.guidance.loss,
+                 " -> ".join(f"{l:.3f}" for l in losses))
+        guided = guided.to(x.dtype)
+        sigma_next = float(schedule[step + 1])
+        return [None if out is None else ba.sampler_consistent_denoised(out, x, guided, timestep, sigma_next)
+                for out in executor(model, conds, guided, timestep, model_options)]
+
+
+# --- the node ----------------------------------------------------------------------------
+
+
+def _apply(model, clip, prompt, subjects, boxes, width, height, guidance, guidance_steps, iterations_per_step,
+           step_size_start, step_size_end, loss_threshold, cross_loss_scale, self_loss_scale, mask_eos, filter_words):
+    subject_list = parse_subjects(subjects)
+    box_list = parse_boxes(boxes, subject_list, width, height)
+    layout = resolve_layout(clip, prompt, subject_list, box_list, filter_words)
+    patched = model.clone()
+    router = attach_router(patched, node=NODE)
+    if any(isinstance(t, ba.BoundedAttention) for t in router.techniques):
+        raise ValueError(f"{NODE}: model: this MODEL already passed through a {NODE} node; use one node with all subjects")
+    try:
+        family = ba.unet_family(router.layers)
+    except ba.UnsupportedFamilyError as e:
+        raise ValueError(f"{NODE}: model: unsupported model family ({type(model.model).__name__}). {e}") from None
+    config = None
+    if guidance != "off":
+        start, end = ba.STEP_SIZES[family]
+        config = ba.GuidanceConfig(
+            loss=guidance, steps=guidance_steps, iterations=iterations_per_step,
+            step_size_start=step_size_start if step_size_start > 0 else start,
+            step_size_end=step_size_end if step_size_end > 0 else end,
+            loss_threshold=loss_threshold, cross_loss_scale=cross_loss_scale, self_loss_scale=self_loss_scale,
+        )
+    technique = router.add(ba.BoundedAttention(layout, ba.LOSS_LAYERS[family], config, mask_eos=mask_eos))
+    if config is not None and guidance_steps > 0:
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
+                                     BoundedGuidanceWrapper(technique, router.ordinal))
+    return patched
+
+
+class BoundedAttentionLayout(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE,
+            display_name="Bounded Attention Layout (Attention Lab)",
+            category="attention_lab/layout",
+            description=(
+                "Bounded Attention (Dahary et al. 2024): several subjects of one prompt, each in its own box, "
+                "without leaking into each other (no fused 'hybrids', no neglected subject). Masks cross- and "
+                "self-attention between subjects in every layer and step, and in the first steps optimises the "
+                "latent so each subject's attention stays in its box. SD1.x/SD2.x and SDXL."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to patch (SD1.x, SD2.x or SDXL). The input MODEL is not changed."),
+                io.Clip.Input("clip", tooltip="The CLIP that encodes the positive prompt: subjects are found through its tokenizer."),
+                io.String.Input("prompt", multiline=True, default="a ginger kitten and a gray puppy in a yard",
+                                tooltip="The positive prompt, exactly as given to CLIPTextEncode (token positions are read from it)."),
+                io.String.Input("subjects", multiline=True, default="ginger kitten\ngray puppy",
+                                tooltip="One subject per line: a word or phrase that appears verbatim in the prompt."),
+                io.String.Input("boxes", multiline=True, default="[[0.05, 0.2, 0.45, 0.8], [0.55, 0.2, 0.95, 0.8]]",
+                                tooltip="JSON: one box [x0, y0, x1, y1] per subject, in subject order (or {\"subject\": box}); "
+                                        "origin top-left, normalised to [0, 1], or pixels of width x height. "
+                                        "The box editor on the node writes this."),
+                io.Int.Input("width", default=512, min=64, max=16384, step=8,
+                             tooltip="Image width in pixels: scale of pixel boxes, and the box editor's aspect ratio."),
+                io.Int.Input("height", default=512, min=64, max=16384, step=8,
+                             tooltip="Image height in pixels: scale of pixel boxes, and the box editor's aspect ratio."),
+                io.Combo.Input("guidance", options=GUIDANCE_CHOICES, default="bounded",
+                               tooltip="Latent optimisation in the first steps. bounded: the paper's IoU loss on cross- and "
+                                       "self-attention; layout_guidance / attend_and_excite: the baselines the paper compares "
+                                       "with, on the same machinery; off: masks only (cheapest)."),
+                io.Int.Input("guidance_steps", default=15, min=0, max=1000,
+                             tooltip="Guidance runs at sampling steps i < this (paper: 15 of 50)."),
+                io.Int.Input("iterations_per_step", default=5, min=1, max=50,
+                             tooltip="At most this many gradient steps on the latent per guided step (paper: 5)."),
+                io.Float.Input("step_size_start", default=0.0, min=0.0, max=1000.0, step=0.5,
+                               tooltip="Step size η at step 0; 0 = the authors' value for the model (SD1.x 8, SDXL 18)."),
+                io.Float.Input("step_size_end", default=0.0, min=0.0, max=1000.0, step=0.5,
+                               tooltip="Step size η reached at the last guided step (linear); 0 = the authors' value (SD1.x 2, SDXL 5)."),
+                io.Float.Input("loss_threshold", default=0.2, min=0.0, max=10.0, step=0.01,
+                               tooltip="A step's iterations stop once the loss per image and subject is below this (paper: 0.2)."),
+                io.Float.Input("cross_loss_scale", default=1.5, min=0.0, max=100.0, step=0.1,
+                               tooltip="Weight of the cross-attention IoU term of the bounded loss (paper: 1.5)."),
+                io.Float.Input("self_loss_scale", default=0.5, min=0.0, max=100.0, step=0.1,
+                               tooltip="Weight of the self-attention IoU term of the bounded loss (paper: 0.5)."),
+                io.Boolean.Input("mask_eos", default=True,
+                                 tooltip="Hide the end-of-text token from background pixels while denoising (paper: on); "
+                                         "EOS carries the whole prompt and would paint subjects into the background."),
+                io.Boolean.Input("filter_words", default=True,
+                                 tooltip="Close the prompt's function words (a, the, and, in, numbers, left/right/top/bottom, ...) "
+                                         "to every pixel, as the authors' part-of-speech filter does."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with Bounded Attention; connect it to any sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, **inputs) -> io.NodeOutput:
+        return io.NodeOutput(_apply(**inputs))

@@ -1,0 +1,331 @@
+"""Bounded Attention's masks, losses and guidance on planted layouts: no ComfyUI needed."""
+
+import itertools
+
+import pytest
+import torch
+
+from attention_lab.attention_patches import AttentionRouter, split_heads
+from attention_lab.attention_patches import bounded as ba
+
+HEADS = 2
+# 4x4 grid: subject 0 in the left two columns' top half, subject 1 in the right
+# two columns, rows 1-2; the other cells are background.
+BOXES = ((0.0, 0.0, 0.5, 0.5), (0.5, 0.25, 1.0, 0.75))
+# "a red cube and a blue ball": SOT, a, red, cube, and, a, blue, ball, EOS
+LAYOUT = ba.BoundedLayout(boxes=BOXES, subject_tokens=((2, 3), (6, 7)), eos_token=8, filter_tokens=(1, 4, 5))
+
+
+def cells(box, h=4, w=4):
+    """Grid cells of a box, edges rounded as the authors round them (half to even)."""
+    x0, y0, x1, y1 = box
+    rows, cols = range(round(y0 * h), round(y1 * h)), range(round(x0 * w), round(x1 * w))
+    return {r * w + c for r in rows for c in cols}
+
+
+def test_box_masks_rasterise_like_the_authors():
+    # run_sd.py's first box on a 16x16 grid: rows round(3.2):round(12.8) = 3:13, columns round(0.8):round(7.2) = 1:7
+    mask = ba.box_masks([(0.05, 0.2, 0.45, 0.8)], 16, 16)[0].view(16, 16)
+    assert mask.sum() == 10 * 6 and mask[3:13, 1:7].all()
+    # half-way edges round half to even, as Python's round: 0.125*4 = 0.5 -> 0, 0.625*4 = 2.5 -> 2
+    # (rounding half up would give columns 1:3)
+    assert ba.box_masks([(0.125, 0.0, 0.625, 1.0)], 1, 4)[0].tolist() == [True, True, False, False]
+    # non-square grids: x by width, y by height
+    assert ba.box_masks([(0.5, 0.0, 1.0, 0.5)], 2, 6)[0].view(2, 6).tolist() == [[False] * 3 + [True] * 3, [False] * 6]
+
+
+@pytest.mark.parametrize("guiding", [False, True], ids=["denoising", "guidance-pass"])
+def test_cross_mask_who_sees_which_token(guiding):
+    regions = ba.box_masks(BOXES, 4, 4)
+    allowed = ba.cross_attention_allowed(LAYOUT, regions, 77, include_background=guiding)
+    inside = [cells(b) for b in BOXES]
+    background = set(range(16)) - inside[0] - inside[1]
+    assert len(inside[0]) == 4 and len(inside[1]) == 4 and len(background) == 8
+    for query, token in itertools.product(range(16), range(77)):
+        if token in (2, 3):  # subject 0's words
+            expected = query in inside[0] or (guiding and query in background)
+        elif token in (6, 7):
+            expected = query in inside[1] or (guiding and query in background)
+        elif token in LAYOUT.filter_tokens:
+            expected = False
+        elif token == LAYOUT.eos_token:
+            expected = query not in background or guiding
+        else:  # SOT, padding
+            expected = True
+        assert bool(allowed[query, token]) == expected, (query, token)
+
+
+def test_cross_mask_repeats_per_text_chunk_and_refuses_odd_lengths():
+    regions = ba.box_masks(BOXES, 4, 4)
+    allowed = ba.cross_attention_allowed(LAYOUT, regions, 154, include_background=False)
+    assert torch.equal(allowed[:, :77], allowed[:, 77:])
+    with pytest.raises(ValueError, match="77-token chunks"):
+        ba.cross_attention_allowed(LAYOUT, regions, 80, include_background=False)
+
+
+def test_self_mask_who_sees_whom_with_overlap():
+    boxes = ((0.0, 0.0, 0.75, 0.5), (0.5, 0.0, 1.0, 1.0))  # overlapping in column 2, rows 0-1
+    inside = [cells(b) for b in boxes]
+    allowed = ba.self_attention_allowed(ba.box_masks(boxes, 4, 4))
+    background = set(range(16)) - inside[0] - inside[1]
+    for query, key in itertools.product(range(16), range(16)):
+        mine = [s for s in range(2) if query in inside[s]]
+        expected = not mine or key in background or any(key in inside[s] for s in mine)
+        assert bool(allowed[query, key]) == expected, (query, key)
+    assert inside[0] & inside[1]  # the overlap exists and sees both subjects
+    q = next(iter(inside[0] & inside[1]))
+    assert allowed[q].all()
+
+
+def test_additive_masks_use_finfo_min():
+    allowed = torch.tensor([[True, False]])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        m = ba.additive(allowed, dtype)
+        assert m.dtype == dtype and m[0, 0] == 0 and m[0, 1] == torch.finfo(dtype).min and torch.isfinite(m).all()
+
+
+# -- the technique on the router --------------------------------------------------------
+
+
+def options(hw=(4, 4), cond_or_uncond=(1, 0), batch=2):
+    return {"n_heads": HEADS, "dim_head": 8, "activations_shape": [batch, 16, *hw], "cond_or_uncond": list(cond_or_uncond)}
+
+
+def reference(q, k, v, mask=None):
+    q, k, v = (split_heads(t, HEADS).double() for t in (q, k, v))
+    logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if mask is not None:
+        logits = logits + mask.double()
+    out = logits.softmax(-1) @ v
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+LAYERS = [("input", 1, 0), ("middle", 0, 0), ("output", 3, 0)]
+
+
+@pytest.mark.parametrize("cond_or_uncond", [(1, 0), (0,), (0, 1)])
+def test_technique_masks_cond_rows_of_cross_and_every_row_of_self(cond_or_uncond):
+    router = AttentionRouter(LAYERS)
+    router.add(ba.BoundedAttention(LAYOUT))
+    batch = len(cond_or_uncond)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, 16, HEADS * 8, generator=g)
+    context = torch.randn(batch, 77, HEADS * 8, generator=g)
+    regions = ba.box_masks(BOXES, 4, 4)
+    cross = ba.additive(ba.cross_attention_allowed(LAYOUT, regions, 77, False), torch.float32)
+    selfm = ba.additive(ba.self_attention_allowed(regions), torch.float32)
+
+    out = router.patch_for(LAYERS[1], is_self=False)(q, context, context, options(cond_or_uncond=cond_or_uncond, batch=batch))
+    for row, kind in enumerate(cond_or_uncond):
+        expected = reference(q[row:row + 1], context[row:row + 1], context[row:row + 1], cross if kind == 0 else None)
+        assert torch.allclose(out[row:row + 1].double(), expected, atol=1e-5), (row, kind)
+
+    out = router.patch_for(LAYERS[1], is_self=True)(q, q, q, options(cond_or_uncond=cond_or_uncond, batch=batch))
+    assert torch.allclose(out.double(), reference(q, q, q, selfm), atol=1e-5)
+
+
+# -- losses -----------------------------------------------------------------------------
+
+
+def direct_bounded_loss(layers, layout):
+    """methods.md §3 with loops: per layer, per image and subject, sums over pixels and keys."""
+    s_count = layout.subjects
+    terms = {}
+    for is_self in (False, True):
+        fgs, bgs = [], []
+        for l in (l for l in layers if l.is_self == is_self):
+            h, w = l.height, l.width
+            boxes = [cells(b, h, w) for b in layout.boxes]
+            bgc = set(range(h * w)) - set().union(*boxes)
+            fg = torch.zeros(l.probs.shape[0], s_count, dtype=torch.float64)
+            bg = torch.zeros_like(fg)
+            for b in range(l.probs.shape[0]):
+                for s in range(s_count):
+                    keys = sorted(boxes[s]) if is_self else list(layout.subject_tokens[s]) + [layout.eos_token]
+                    fg[b, s] = sum(l.probs[b, i, j] for i in boxes[s] for j in keys)
+                    bg[b, s] = sum(l.probs[b, i, j] for i in bgc for j in keys)
+            fgs.append(fg)
+            bgs.append(bg)
+        fg, bg = sum(fgs) / len(fgs), sum(bgs) / len(bgs)
+        terms[is_self] = ((1 - fg / (fg + s_count * bg)) ** 2).sum()
+    return 1.5 * terms[False] + 0.5 * terms[True]
+
+
+def planted_probs(seed, grids=((4, 4), (2, 2)), batch=2):
+    g = torch.Generator().manual_seed(seed)
+    logits = []
+    for (h, w), is_self in itertools.product(grids, (False, True)):
+        keys = h * w if is_self else 77
+        logits.append((is_self, h, w, (torch.randn(batch, h * w, keys, generator=g, dtype=torch.float64) * 2).requires_grad_()))
+    return logits
+
+
+def test_bounded_loss_and_gradient_match_a_direct_implementation():
+    raw = planted_probs(1)
+    layers = [ba.LayerProbs(s, h, w, (x * 1.0).softmax(-1) * HEADS) for s, h, w, x in raw]
+    loss, normalized = ba.BoundedLoss()(layers, LAYOUT)
+    direct = direct_bounded_loss(layers, LAYOUT)
+    assert torch.allclose(loss, direct, rtol=1e-10) and torch.allclose(normalized, direct / (2 * 2))
+    grads = torch.autograd.grad(loss, [x for *_, x in raw])
+    direct_grads = torch.autograd.grad(direct_bounded_loss(
+        [ba.LayerProbs(s, h, w, x.softmax(-1) * HEADS) for s, h, w, x in raw], LAYOUT), [x for *_, x in raw])
+    for a, b in zip(grads, direct_grads):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12) and a.abs().max() > 0
+
+
+def test_bounded_loss_is_zero_when_attention_stays_in_the_boxes():
+    h = w = 4
+    boxes = ba.box_masks(BOXES, h, w)
+    background = ~boxes.any(0)
+    cross = torch.full((1, 16, 77), 1e-9, dtype=torch.float64)
+    cross[0, boxes[0], 2] = cross[0, boxes[1], 6] = 1.0
+    cross[0, background, 0] = 1.0
+    selfp = torch.eye(16, dtype=torch.float64)[None]
+    loss, _ = ba.BoundedLoss()([ba.LayerProbs(False, h, w, cross), ba.LayerProbs(True, h, w, selfp)], LAYOUT)
+    assert loss < 1e-12
+    leaked = cross.clone()
+    leaked[0, background, 2] = 1.0  # subject 0's word all over the background
+    assert ba.BoundedLoss()([ba.LayerProbs(False, h, w, leaked), ba.LayerProbs(True, h, w, selfp)], LAYOUT)[0] > 0.1
+
+
+def test_layout_guidance_loss_against_its_formula():
+    raw = planted_probs(2, grids=((4, 4),), batch=1)
+    layers = [ba.LayerProbs(s, h, w, x.softmax(-1)) for s, h, w, x in raw]
+    loss, _ = ba.LayoutGuidanceLoss()(layers, LAYOUT)
+    cross = layers[0].probs[0]
+    expected = 0.0
+    for s, tokens in enumerate(LAYOUT.subject_tokens):
+        for t in tokens:
+            ratio = sum(cross[i, t] for i in cells(BOXES[s])) / cross[:, t].sum()
+            expected += (1 - ratio) ** 2 / 2
+    assert torch.allclose(loss, expected)
+
+
+def test_attend_and_excite_loss_is_the_most_neglected_subject():
+    h = w = 4
+    probs = torch.full((1, 16, 77), 1e-6, dtype=torch.float64)
+    probs[0, :, 0] = 1.0
+    probs[0, 5, 3] = 50.0  # subject 0's leading token peaks at one cell; subject 1 ("ball", 7) is neglected
+    layer = ba.LayerProbs(False, h, w, probs * HEADS)
+    loss, _ = ba.AttendExciteLoss()([layer], LAYOUT)
+    text = (probs[0, :, 1:8] / probs[0].sum(-1, keepdim=True) * 100).softmax(-1)
+    peak = [ba.gaussian_smooth(text[:, t - 1].reshape(1, 4, 4)).max() for t in LAYOUT.leading_tokens]
+    assert torch.allclose(loss, max(1 - peak[0], 1 - peak[1])) and peak[1] < peak[0]
+
+
+def test_step_size_schedule_and_config_errors():
+    c = ba.GuidanceConfig()
+    assert (c.step_size(0), c.step_size(15)) == (8.0, 2.0) and c.step_size(5) == pytest.approx(6.0)
+    with pytest.raises(ValueError, match="guidance loss must be one of"):
+        ba.GuidanceConfig(loss="boxdiff")
+
+
+def test_layout_errors():
+    with pytest.raises(ValueError, match="outside"):
+        ba.check_box([0.1, 0.2, 1.2, 0.5], "box 'cat'")
+    with pytest.raises(ValueError, match="empty"):
+        ba.check_box([0.5, 0.2, 0.5, 0.6])
+    with pytest.raises(ValueError, match="3 boxes for 2 subjects"):
+        ba.BoundedLayout(boxes=BOXES + ((0, 0, 1, 1),), subject_tokens=((1,), (2,)), eos_token=3)
+
+
+def test_families_and_their_loss_layers():
+    sd15 = [("input", i, 0) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0, 0)] + [("output", i, 0) for i in range(3, 12)]
+    sdxl = ([("input", b, i) for b in (4, 5) for i in range(2)] + [("input", b, i) for b in (7, 8) for i in range(10)]
+            + [("middle", 0, i) for i in range(10)] + [("output", b, i) for b in range(3) for i in range(10)]
+            + [("output", b, i) for b in (3, 4, 5) for i in range(2)])
+    assert ba.unet_family(sd15) == "sd15" and ba.unet_family(sdxl) == "sdxl"
+    assert len(ba.LOSS_LAYERS["sd15"]) == 4 and len(ba.LOSS_LAYERS["sdxl"]) == 6
+    with pytest.raises(ba.UnsupportedFamilyError, match="SDXL"):
+        ba.unet_family([("input", 1, 0), ("output", 0, 0)])
+
+
+# -- guidance on a tiny attention model ---------------------------------------------------
+
+
+class TinyAttentionNet(torch.nn.Module):
+    """Latent -> tokens -> self-attention and cross-attention through the router, twice (two 'loss layers')."""
+
+    def __init__(self, router, channels=4, dim=HEADS * 8, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.router = router
+        self.inp = torch.nn.Linear(channels, dim)
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in LAYERS)
+        self.kv = torch.nn.ModuleList(torch.nn.Linear(dim, 2 * dim) for _ in LAYERS)
+        self.q2 = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in LAYERS)
+        self.context = torch.nn.Parameter(torch.randn(1, 77, dim))
+
+    def forward(self, z, cond_or_uncond=(0,)):
+        b, c, h, w = z.shape
+        x = self.inp(z.flatten(2).transpose(1, 2))
+        opts = options((h, w), cond_or_uncond, b)
+        context = self.context.expand(b, -1, -1)
+        for i, layer in enumerate(LAYERS):
+            q, k, v = self.qkv[i](x).chunk(3, -1)
+            x = x + self.router.patch_for(layer, True)(q, k, v, opts)
+            k2, v2 = self.kv[i](context).chunk(2, -1)
+            x = x + self.router.patch_for(layer, False)(self.q2[i](x), k2, v2, opts)
+        return x
+
+
+def guidance_setup(loss="bounded", inference=False):
+    router = AttentionRouter(LAYERS)
+    config = ba.GuidanceConfig(loss=loss, iterations=6, loss_threshold=0.0, step_size_start=200.0, step_size_end=200.0)
+    technique = router.add(ba.BoundedAttention(LAYOUT, loss_layers={LAYERS[1], LAYERS[2]}, guidance=config))
+    if inference:
+        with torch.inference_mode():
+            net = TinyAttentionNet(router)
+            z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    else:
+        net = TinyAttentionNet(router)
+        z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    return router, technique, net, z
+
+
+@pytest.mark.parametrize("loss", ["bounded", "layout_guidance", "attend_and_excite"])
+def test_guidance_lowers_the_loss_on_a_tiny_model(loss):
+    router, technique, net, z = guidance_setup(loss)
+    z_new, losses = ba.guided_latent(net, technique, z, step=0, ordinals=router.ordinal)
+    # measured: bounded 1.229 -> 0.648, layout guidance 0.435 -> 0.142, attend-and-excite 0.726 -> 0.639
+    assert len(losses) == 6 and all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] * 0.9, losses
+    assert not z_new.requires_grad and z_new.grad_fn is None and not torch.equal(z_new, z)
+    assert technique.collected is None  # the pass closed
+
+
+def test_guidance_stops_at_the_loss_layers_and_early():
+    router, technique, net, z = guidance_setup()
+    seen = []
+    net_forward = net.forward
+
+    def forward(z):
+        seen.append("start")
+        out = net_forward(z)
+        seen.append("finished")  # never reached: the last loss layer ends the pass
+        return out
+
+    technique.guidance = ba.GuidanceConfig(iterations=5, loss_threshold=10.0)  # any loss is below: one iteration
+    _, losses = ba.guided_latent(forward, technique, z, step=0, ordinals=router.ordinal)
+    assert len(losses) == 1 and seen == ["start"]
+
+
+def test_guidance_runs_inside_inference_mode_with_inference_weights():
+    router, technique, net, z = guidance_setup(inference=True)
+    assert net.inp.weight.is_inference() and z.is_inference()
+    with torch.inference_mode():
+        z_new, losses = ba.guided_latent(net, technique, z, step=3, ordinals=router.ordinal)
+    assert losses[-1] < losses[0] and not torch.equal(z_new, z)
+
+
+def test_sampler_consistent_denoised_reproduces_the_guided_euler_step():
+    g = torch.Generator().manual_seed(0)
+    x, x_guided, d_guided = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
+    sigma, sigma_next = torch.tensor([3.0, 3.0]), 2.0
+    d = ba.sampler_consistent_denoised(d_guided, x, x_guided, sigma, sigma_next)
+
+    def euler(x, d):
+        return x + (x - d) / 3.0 * (sigma_next - 3.0)
+
+    assert torch.allclose(euler(x, d), euler(x_guided, d_guided), atol=1e-5)
+    assert torch.equal(ba.sampler_consistent_denoised(d_guided, x, x_guided, sigma, 0.0), d_guided)

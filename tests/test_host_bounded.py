@@ -1,0 +1,139 @@
+"""BoundedAttentionLayout in real ComfyUI: subject resolution, errors, masks-only and guided sampling."""
+
+import importlib
+
+import pytest
+import torch
+
+PROMPT = "a ginger kitten and a gray puppy in a yard"
+SUBJECTS = "ginger kitten\ngray puppy"
+BOXES = "[[0.05, 0.2, 0.45, 0.8], [0.55, 0.2, 0.95, 0.8]]"
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def node(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.bounded")
+
+
+@pytest.fixture(scope="module")
+def clip(tiny):
+    return tiny.text_encoder()
+
+
+def inputs(**overrides):
+    values = dict(prompt=PROMPT, subjects=SUBJECTS, boxes=BOXES, width=128, height=128, guidance="bounded",
+                  guidance_steps=2, iterations_per_step=2, step_size_start=0.0, step_size_end=0.0, loss_threshold=0.2,
+                  cross_loss_scale=1.5, self_loss_scale=0.5, mask_eos=True, filter_words=True)
+    values.update(overrides)
+    return values
+
+
+def conditioning(tiny, family):
+    g = torch.Generator().manual_seed(5)
+    cond = torch.randn(1, 77, tiny.TEXT_HIDDEN, generator=g)
+    extra = {"pooled_output": torch.randn(1, tiny.SDXL_POOLED, generator=g), "width": 128, "height": 128} if family == "sdxl" else {}
+    uncond_extra = dict(extra, pooled_output=torch.zeros(1, tiny.SDXL_POOLED)) if extra else {}
+    return [[cond, dict(extra)]], [[torch.zeros_like(cond), uncond_extra]]
+
+
+def sample(model, positive, negative, cfg=5.0, steps=STEPS):
+    import comfy.sample
+
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(11))
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative,
+                               torch.zeros_like(noise), seed=0, disable_pbar=True)
+
+
+def test_subjects_resolve_to_the_authors_token_indices(node, clip):
+    boxes = node.parse_boxes(BOXES, node.parse_subjects(SUBJECTS), 512, 512)
+    layout = node.resolve_layout(clip, PROMPT, node.parse_subjects(SUBJECTS), boxes, filter_words=True)
+    assert layout.subject_tokens == ((2, 3), (6, 7))  # run_sd.py's subject_token_indices for this prompt
+    assert layout.eos_token == 11
+    assert layout.filter_tokens == (1, 4, 5, 8, 9)  # a, and, a, in, a
+    assert layout.leading_tokens == (3, 7)  # kitten, puppy
+
+
+def test_boxes_in_pixels_or_by_subject(node):
+    subjects = ["cat", "dog"]
+    assert node.parse_boxes("[[0, 128, 256, 384], [256, 0, 512, 256]]", subjects, 512, 512) == [
+        (0.0, 0.25, 0.5, 0.75), (0.5, 0.0, 1.0, 0.5)]
+    assert node.parse_boxes('{"dog": [0.5, 0, 1, 1], "cat": [0, 0, 0.5, 1]}', subjects, 64, 64)[0] == (0, 0, 0.5, 1)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(subjects="ginger kitten\nblue whale"), "'blue whale' is not in the prompt"),
+    (dict(boxes="[[0.05, 0.2, 1.45, 0.8], [0.55, 0.2, 0.95, 0.8]]"), "outside \\[0, 1\\]"),
+    (dict(boxes="[[0.5, 0.2, 0.5, 0.8], [0.55, 0.2, 0.95, 0.8]]"), "is empty"),
+    (dict(boxes="[[0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 1, 1]]"), "3 boxes for 2 subjects"),
+    (dict(boxes="[[0, 0, 0.5, 0.5]]"), "no box for subject\\(s\\) \\['gray puppy'\\]"),
+    (dict(boxes="[[0, 0, 0.5, 0.5], "), "boxes: not valid JSON"),
+    (dict(boxes="[[0, 0, 700, 100], [0, 0, 10, 10]]", width=512), "outside \\[0, 1\\]"),
+])
+def test_clear_errors(node, tiny, clip, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        node._apply(tiny.sd15_unet(seed=0), clip, **inputs(**overrides))
+
+
+def test_unsupported_family_is_refused(node, clip, pack):
+    class FakeFlux:
+        class model:  # noqa: N801 - mimics ModelPatcher.model
+            diffusion_model = torch.nn.Linear(1, 1)
+
+        model_options = {}
+
+        def clone(self):
+            return self
+
+    with pytest.raises(ValueError, match="SD1.x, SD2.x and SDXL"):
+        node._apply(FakeFlux(), clip, **inputs())
+
+
+def test_sd2_style_unet_uses_the_sd15_layers_and_sdxl_its_own(node, tiny, clip, pack):
+    patching = importlib.import_module(pack.__name__ + ".nodes.patching")
+    for make, family in ((tiny.sd2v_unet, "sd15"), (tiny.sdxl_unet, "sdxl")):
+        patched = node._apply(make(seed=0), clip, **inputs())
+        technique = next(t for t in patching.router_of(patched).techniques if t.name == "bounded_attention")
+        assert technique.loss_layers == pack.attention_patches.bounded.LOSS_LAYERS[family]
+        assert technique.guidance.step_size_start == {"sd15": 8.0, "sdxl": 18.0}[family]
+
+
+@pytest.mark.parametrize("family,dtype", [("sd15", torch.float32), ("sd15", torch.float16), ("sdxl", torch.float16)])
+def test_masks_only_sampling(node, tiny, clip, family, dtype):
+    with torch.inference_mode():
+        model = {"sd15": tiny.sd15_unet, "sdxl": tiny.sdxl_unet}[family](seed=3, dtype=dtype)
+        positive, negative = conditioning(tiny, family)
+        base = sample(model, positive, negative)
+        patched = node._apply(model, clip, **inputs(guidance="off"))
+        out = sample(patched, positive, negative)
+        again = sample(model, positive, negative)
+    assert torch.isfinite(out).all()
+    assert (out - base).abs().max() > 1e-3  # the masks change the result
+    assert torch.equal(again, base)  # the input MODEL is untouched
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_guidance_in_inference_mode_changes_the_latent(node, tiny, clip, family):
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes: weights are inference tensors
+        model = {"sd15": tiny.sd15_unet, "sdxl": tiny.sdxl_unet}[family](seed=3)
+        positive, negative = conditioning(tiny, family)
+        masks_only = sample(node._apply(model, clip, **inputs(guidance="off")), positive, negative, steps=3)
+        guided_model = node._apply(model, clip, **inputs(loss_threshold=0.0))
+        guided = sample(guided_model, positive, negative, steps=3)
+    wrapper = guided_model.get_wrappers("calc_cond_batch", node.WRAPPER_KEY)[0]
+    assert [step for step, _ in wrapper.losses] == [0, 1]  # guidance_steps=2 of 3
+    assert all(len(losses) == 2 for _, losses in wrapper.losses)
+    assert torch.isfinite(guided).all() and (guided - masks_only).abs().max() > 1e-3
+    # no graph survives sampling
+    assert not guided.requires_grad
+
+
+def test_guidance_with_cond_and_uncond_in_separate_calls_matches_one_call(node, tiny, clip):
+    with torch.inference_mode():
+        model = tiny.sd15_unet(seed=3)
+        positive, negative = conditioning(tiny, "sd15")
+        together = sample(node._apply(model, clip, **inputs(guidance_steps=1)), positive, negative, steps=2)
+        split = node._apply(model, clip, **inputs(guidance_steps=1))
+        split.add_object_patch("memory_required", lambda *args, **kwargs: 1e30)
+        separate = sample(split, positive, negative, steps=2)
+    assert (separate - together).abs().max() < 1e-4 * together.abs().max()
