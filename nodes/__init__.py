@@ -6,10 +6,18 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .bounded import BoundedAttentionLayout
 from .demo import DemoModelLoader
+from .inversion import DDIMInversionSampler, DDIMInvert, InversionReplay
+from .style_aligned import SharedAttentionStyleAlign, StyleAlignedReferenceFromInversion
+from .segment import AttentionRecorderNode, CrossAttnHeatmap, RecordAttentionPass, SelfAttnPCA, SelfAttnSegment
 
 NODES: list[type[io.ComfyNode]] = [
     DemoModelLoader,
+    BoundedAttentionLayout,
+    SharedAttentionStyleAlign, StyleAlignedReferenceFromInversion,
+    DDIMInvert, DDIMInversionSampler, InversionReplay,
+    AttentionRecorderNode, RecordAttentionPass, SelfAttnSegment, CrossAttnHeatmap, SelfAttnPCA,
 ]
 
 
