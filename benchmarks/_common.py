@@ -16,7 +16,9 @@ def load_host() -> headless.Host:
     if root is None:
         raise SystemExit(how)
     print(f"ComfyUI host: {how}")
-    return headless.Host(root)
+    import torch
+
+    return headless.Host(root, cpu=not torch.cuda.is_available())
 
 
 def device_name() -> str:
