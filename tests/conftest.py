@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "tests"))  # shared test helpers (attention_reference)
 
 if "attention_lab" not in sys.modules:
     _pkg = types.ModuleType("attention_lab")

@@ -4,8 +4,9 @@ import itertools
 
 import pytest
 import torch
+from attention_reference import softmax_attention
 
-from attention_lab.attention_patches import AttentionRouter, split_heads
+from attention_lab.attention_patches import AttentionRouter
 from attention_lab.attention_patches import bounded as ba
 
 HEADS = 2
@@ -92,13 +93,7 @@ def options(hw=(4, 4), cond_or_uncond=(1, 0), batch=2):
 
 
 def reference(q, k, v, mask=None):
-    q, k, v = (split_heads(t, HEADS).double() for t in (q, k, v))
-    logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    if mask is not None:
-        logits = logits + mask.double()
-    out = logits.softmax(-1) @ v
-    b, h, n, d = out.shape
-    return out.transpose(1, 2).reshape(b, n, h * d)
+    return softmax_attention(q, k, v, HEADS, mask)
 
 
 LAYERS = [("input", 1, 0), ("middle", 0, 0), ("output", 3, 0)]

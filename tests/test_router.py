@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from attention_reference import softmax_attention
 
 from attention_lab.attention_patches import (
     AttentionRouter,
@@ -15,7 +16,6 @@ from attention_lab.attention_patches import (
     find_router,
     install,
     sdpa_attention,
-    split_heads,
 )
 
 SD15_LAYERS = [("input", i, 0) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0, 0)] + [("output", i, 0) for i in range(3, 12)]
@@ -42,13 +42,7 @@ def qkv(batch=2, tokens=64, kv_tokens=None, seed=0, dtype=torch.float32):
 
 
 def reference_attention(q, k, v, mask=None):
-    q, k, v = (split_heads(t, HEADS).double() for t in (q, k, v))
-    logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    if mask is not None:
-        logits = logits + mask.double()
-    out = logits.softmax(-1) @ v
-    b, h, n, d = out.shape
-    return out.transpose(1, 2).reshape(b, n, h * d)
+    return softmax_attention(q, k, v, HEADS, mask)
 
 
 class Recording(AttentionTechnique):
