@@ -36,11 +36,16 @@ def sdpa_attention(q, k, v, heads, mask=None, attn_precision=None, transformer_o
     if attn_precision == torch.float32 and dtype != torch.float32:
         q, k, v = q.float(), k.float(), v.float()
     if mask is not None:
-        mask = mask.to(q.dtype)
-        if mask.ndim == 3:  # [B, Nq, Nk] -> broadcast over heads
-            mask = mask.unsqueeze(1)
+        mask = mask_4d(mask).to(q.dtype)
     out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), attn_mask=mask)
     return merge_heads(out).to(dtype)
+
+
+def mask_4d(mask: torch.Tensor) -> torch.Tensor:
+    """An additive mask `[Nq,Nk]`, `[B|1,Nq,Nk]` or `[B|1,H|1,Nq,Nk]` as `[B|1,H|1,Nq,Nk]`."""
+    if mask.ndim == 2:
+        return mask[None, None]
+    return mask.unsqueeze(1) if mask.ndim == 3 else mask
 
 
 def mask_min(dtype: torch.dtype) -> float:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backend import split_heads
+from .backend import mask_4d, split_heads
 from .call import AttentionCall
 from .router import AttentionTechnique
 
@@ -90,15 +90,6 @@ def attention_probabilities(q, k, heads: int, mask=None) -> torch.Tensor:
     return logits.softmax(-1)
 
 
-def _mask_4d(mask: torch.Tensor) -> torch.Tensor:
-    """An additive mask as `[B|1, H|1, Nq|1, Nk]`."""
-    if mask.ndim == 2:
-        return mask[None, None]
-    if mask.ndim == 3:
-        return mask[:, None]
-    return mask
-
-
 class AttentionRecorder(AttentionTechnique):
     """Running means of head-averaged attention maps, per (kind, grid), per image.
 
@@ -157,7 +148,7 @@ class AttentionRecorder(AttentionTechnique):
         index = torch.tensor(rows, device=q.device)
         q, k = q.index_select(0, index), k.index_select(0, index)
         if mask is not None:
-            mask = _mask_4d(mask)
+            mask = mask_4d(mask)
             if mask.shape[0] == batch and batch > 1:  # a per-row mask: keep the recorded rows
                 mask = mask.index_select(0, index.to(mask.device))
         kind = SELF if call.is_self else CROSS

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .backend import mask_4d
 from .call import AttentionCall, ChunkLayout, Layer, StepClock
 from .router import AttentionTechnique
 
@@ -88,17 +89,10 @@ def _rows(x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
     return x[torch.as_tensor(rows, device=x.device)]
 
 
-def _as_4d(mask: torch.Tensor) -> torch.Tensor:
-    """An additive mask `[Nq,Nk]`, `[B|1,Nq,Nk]` or `[B|1,H|1,Nq,Nk]` as 4-D."""
-    if mask.ndim == 2:
-        return mask[None, None]
-    return mask.unsqueeze(1) if mask.ndim == 3 else mask
-
-
 def _mask_rows(mask: torch.Tensor | None, rows: Sequence[int]) -> torch.Tensor | None:
     if mask is None:
         return None
-    m = _as_4d(mask)
+    m = mask_4d(mask)
     return m if m.shape[0] == 1 else _rows(m, rows)
 
 
