@@ -17,6 +17,13 @@ Several subjects, each in its box, without leakage between them:
   (`LOSS_LAYERS`); early stop once L/(B·S) < `loss_threshold`. Two baselines
   the paper compares with are other losses for the same machinery:
   Layout Guidance (Chen et al.) and Attend-and-Excite (Chefer et al.).
+- mask refinement: from step `start_step` (15) on, rebuilt every `every` (5)
+  steps, the subject regions the masks use are no longer the boxes but the
+  subjects' shapes: KMeans (3·S clusters) on the running mean of the mask
+  layers' self-attention, each cluster given to the subject whose cross-
+  attention mask covers it most, background below 0.2; a subject left without
+  a cluster falls back to its box. The maps come from the shared
+  `AttentionRecorder` (recorder.py), restricted to denoising passes.
 
 Boxes are `[x0, y0, x1, y1]`, normalised, origin top-left. Token indices are
 positions in one 77-token chunk of the prompt (SOT = 0).
@@ -35,7 +42,9 @@ from torch.utils._pytree import tree_map
 
 from .backend import mask_min, merge_heads, split_heads
 from .call import AttentionCall, Layer
+from .recorder import CROSS, SELF, AttentionRecorder, RecordSelection
 from .router import AttentionTechnique, combine_masks
+from .segmentation import kmeans_segments
 
 CHUNK_TOKENS = 77  # one CLIP text chunk; longer contexts repeat the chunk layout
 
@@ -173,6 +182,14 @@ LOSS_LAYERS = {
 }
 # Step sizes η0 → η1 of run_sd.py / run_xl.py.
 STEP_SIZES = {"sd15": (8.0, 2.0), "sdxl": (18.0, 5.0)}
+# The layers whose attention maps the mask refinement averages (the authors'
+# `cross_mask_layers` / `self_mask_layers`). SD1.5: calls 14–19 = the first
+# decoder attention block (16² at 512 px; the middle block's 8² is left out so
+# that every map has one grid); SDXL: the loss layers (32² at 1024 px).
+MASK_LAYERS = {
+    "sd15": frozenset({("output", 3, 0), ("output", 4, 0), ("output", 5, 0)}),
+    "sdxl": LOSS_LAYERS["sdxl"],
+}
 
 
 class UnsupportedFamilyError(ValueError):
@@ -358,6 +375,130 @@ class GuidanceConfig:
         return LOSSES[self.loss]()
 
 
+# -- mask refinement ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefinementConfig:
+    """When and how the subject masks are refined (defaults: run_sd.py / run_xl.py and BoundedAttention's)."""
+
+    start_step: int = 15  # first_refinement_step: the boxes are the regions before it
+    every: int = 5  # delta_refine_mask_steps: rebuilt at the steps divisible by this
+    clusters_per_subject: int = 3  # num_clusters_per_subject: KMeans runs with S·this clusters
+    cross_threshold: float = 0.2  # cross_mask_threshold: midpoint of the sigmoid on the max-normalised cross map
+    sharpness: float = 10.0  # scale of that sigmoid
+    assignment_threshold: float = 0.2  # self_mask_threshold: a cluster covered less than this is background
+    seed: int = 1  # KMeans seed
+
+    def __post_init__(self):
+        if self.start_step < 0 or self.every < 1 or self.clusters_per_subject < 1:
+            raise ValueError("mask refinement needs start_step >= 0, every >= 1 and clusters_per_subject >= 1, got "
+                             f"{self.start_step}, {self.every}, {self.clusters_per_subject}")
+
+    def last_rebuild_step(self, total_steps: int) -> int | None:
+        """The last step of a `total_steps` run at which the masks are rebuilt (None: never)."""
+        if self.start_step >= total_steps:
+            return None
+        last_multiple = (total_steps - 1) // self.every * self.every
+        return max(self.start_step, last_multiple)
+
+
+def normalise_maps(maps: torch.Tensor, dim: int, reduce_min: bool = False, eps: float = 1e-5) -> torch.Tensor:
+    """The authors' map normalisation along `dim`: `m / (max m + ε)`, or `(m − min m) / (max m − min m + ε)`."""
+    low = maps.amin(dim, keepdim=True) if reduce_min else 0.0
+    return (maps - low) / (maps.amax(dim, keepdim=True) - low + eps)
+
+
+def leading_token_maps(cross: torch.Tensor, leading_tokens: Sequence[int]) -> torch.Tensor:
+    """`[..., S, N]`: each subject's leading-token column of a cross map `[..., N, K]` (its copies in every 77-token chunk added)."""
+    columns = torch.stack([token_columns([t], cross.shape[-1], cross.device) for t in leading_tokens])  # [S, K]
+    return torch.einsum("...nk,sk->...sn", cross, columns.to(cross.dtype))
+
+
+def subject_cross_masks(cross_maps: torch.Tensor, existing: torch.Tensor, threshold: float = 0.2,
+                        sharpness: float = 10.0) -> torch.Tensor:
+    """Soft `[S, N]` masks: `minmax(sigmoid(sharpness·(m/max m − threshold))) · existing`.
+
+    `cross_maps` `[S, N]` are the subjects' leading-token cross-attention maps;
+    `existing` `[S, N]` bool are the regions in use (the boxes at the first
+    refinement, the previous refined masks after), which confine each subject.
+    """
+    soft = torch.sigmoid(sharpness * (normalise_maps(cross_maps, -1) - threshold))
+    return normalise_maps(soft, -1, reduce_min=True) * existing.to(soft.dtype)
+
+
+def assign_clusters(labels: torch.Tensor, cross_masks: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
+    """`[S, N]` bool: each cluster goes to the subject whose cross mask covers it most, or to the background.
+
+    score(s, c) = Σ_{i∈c} cross_s[i] / min(Σ_i cross_s[i], |c|); a cluster goes to
+    argmax_s score, unless that score is below `threshold`. `labels` `[N]` are
+    cluster ids, `cross_masks` `[S, N]` soft masks in [0, 1].
+    """
+    members = F.one_hot(labels.long(), int(labels.max()) + 1).to(cross_masks.dtype)  # [N, C]
+    overlap = cross_masks @ members  # [S, C]
+    smaller = torch.minimum(cross_masks.sum(-1, keepdim=True), members.sum(0, keepdim=True))
+    score, subject = (overlap / smaller.clamp_min(1e-12)).max(0)  # [C]
+    owner = torch.where(score >= threshold, subject, -1)[labels.long()]  # [N]; -1 = background
+    return owner[None, :] == torch.arange(cross_masks.shape[0], device=owner.device)[:, None]
+
+
+def fall_back_to_boxes(masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """A subject whose mask `[S, N]` is empty gets its box, which every other subject's mask then leaves (in subject order)."""
+    masks = masks.clone()
+    for s in range(masks.shape[0]):
+        if not masks[s].any():
+            masks &= ~boxes[s]
+            masks[s] = boxes[s]
+    return masks
+
+
+def refined_subject_masks(self_attention: torch.Tensor, cross_maps: torch.Tensor, boxes: torch.Tensor,
+                          existing: torch.Tensor, grid: tuple[int, int], clusters: int,
+                          config: RefinementConfig = RefinementConfig()) -> torch.Tensor:
+    """One image's refined subject regions `[S, N]` bool, on the token grid of its maps.
+
+    `self_attention` `[N, N]` (mean over the mask layers, steps and heads) is
+    clustered row by row after normalising each key column by its maximum;
+    `cross_maps` `[S, N]` are the leading tokens' mean cross-attention maps;
+    `boxes` and `existing` `[S, N]` bool are the subjects' boxes and the regions
+    in use. KMeans (sklearn, n_init 10, seeded) stands in for the authors'
+    torch_kmeans (100 initialisations, then warm-started): both aim at the same
+    minimum, ours is deterministic from the seed.
+    """
+    features = normalise_maps(self_attention.float(), -2)
+    labels = kmeans_segments(features, grid, min(clusters, grid[0] * grid[1]), config.seed).flatten()
+    cross = subject_cross_masks(cross_maps.float(), existing, config.cross_threshold, config.sharpness)
+    return fall_back_to_boxes(assign_clusters(labels, cross, config.assignment_threshold), boxes)
+
+
+def resize_regions(regions: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Regions `[..., S, h·w]` bool on `grid` as regions on a `size` grid (nearest-exact, as the authors)."""
+    if tuple(grid) == tuple(size):
+        return regions
+    maps = regions.float().reshape(-1, regions.shape[-2], *grid)
+    big = F.interpolate(maps, size=tuple(size), mode="nearest-exact")
+    return big.reshape(*regions.shape[:-1], size[0] * size[1]).bool()
+
+
+class SubjectMapRecorder(AttentionRecorder):
+    """The shared recorder as the refinement reads it: the mask layers' denoising passes only.
+
+    The authors average the maps of un-optimised passes, so guidance passes are
+    skipped; so are the steps after the run's last rebuild, whose maps nobody
+    reads (a run shorter than `start_step` records nothing).
+    """
+
+    def __init__(self, technique: "BoundedAttention", layers):
+        super().__init__(RecordSelection(layers=frozenset(map(tuple, layers)), max_tokens=None))
+        self.technique = technique
+
+    def wants(self, call: AttentionCall) -> bool:
+        if self.technique.collected is not None or call.step is None or not call.total_steps:
+            return False
+        last = self.technique.refinement.last_rebuild_step(call.total_steps)
+        return last is not None and call.step < last and super().wants(call)
+
+
 # -- the technique -------------------------------------------------------------------
 
 
@@ -379,15 +520,22 @@ class BoundedAttention(AttentionTechnique):
 
     `guide_pass()` opens a guidance pass: loss layers compute their attention
     here (with grad), and the last one raises `LossLayersDone`. Mask caches
-    are per (grid, keys, dtype, device, layout, phase) and hold only the
-    current run's shapes.
+    are per (grid, keys, dtype, device, layout, phase), hold only the current
+    run's shapes and are emptied whenever the regions change.
+
+    With `refinement`, `recorder` (register it on the same router) averages
+    the `mask_layers`' maps, and from `refinement.start_step` on the masks use
+    the refined regions `refined` (`[images, S, h·w]` on `refined_grid`), rebuilt
+    at the steps listed in `refinements`. `begin_run()` must start every
+    sampling run.
     """
 
     name = "bounded_attention"
     order = 40  # outside recorders and other map readers: they see the bounded masks
 
     def __init__(self, layout: BoundedLayout, loss_layers=frozenset(), guidance: GuidanceConfig | None = None,
-                 mask_eos: bool = True, masks: bool = True):
+                 mask_eos: bool = True, masks: bool = True, refinement: RefinementConfig | None = None,
+                 mask_layers=frozenset()):
         self.layout = layout
         self.loss_layers = frozenset(map(tuple, loss_layers))
         self.guidance = guidance
@@ -399,26 +547,90 @@ class BoundedAttention(AttentionTechnique):
         self._cache: dict = {}
         if guidance and not self.loss_layers:
             raise ValueError("bounded guidance needs loss layers")
+        if refinement and not mask_layers:
+            raise ValueError("bounded mask refinement needs mask layers to record")
+        self.refinement = refinement
+        self.recorder = SubjectMapRecorder(self, mask_layers) if refinement else None
+        self.begin_run()
+
+    def begin_run(self) -> None:
+        """A sampling run starts: back to the boxes, and a fresh record."""
+        self.refined: torch.Tensor | None = None
+        self.refined_grid: tuple[int, int] | None = None
+        self.refinements: list[int] = []  # steps at which this run rebuilt the regions
+        self._considered_step = None
+        self._cache.clear()
+        if self.recorder is not None:
+            self.recorder.begin_run()
+
+    # -- regions ---------------------------------------------------------------
+
+    def refresh_regions(self, step: int | None) -> None:
+        """At the first call of a refinement step: rebuild the regions from the recorded maps.
+
+        As the authors: the first time at `start_step`, then at every step
+        divisible by `every`, from the maps of the steps before (this step's
+        are not recorded yet). Nothing recorded (the recorder is not on the
+        router): the boxes stay.
+        """
+        config = self.refinement
+        if config is None or step is None or step < config.start_step or step == self._considered_step:
+            return
+        self._considered_step = step
+        if self.refined is not None and step % config.every:
+            return
+        recorder = self.recorder
+        if not recorder.grids(SELF) or not recorder.grids(CROSS):
+            return
+        grid = recorder.grids(SELF)[0]
+        self_maps = recorder.mean(SELF, grid)  # [images, N, N]
+        cross_maps = leading_token_maps(recorder.mean(CROSS, grid), self.layout.leading_tokens)  # [images, S, N]
+        boxes = box_masks(self.layout.boxes, *grid)
+        existing = self.refined if self.refined is not None else boxes.expand(self_maps.shape[0], *boxes.shape)
+        clusters = config.clusters_per_subject * self.layout.subjects
+        self.refined = torch.stack([
+            refined_subject_masks(self_maps[i], cross_maps[i], boxes, existing[i], grid, clusters, config)
+            for i in range(self_maps.shape[0])
+        ])
+        self.refined_grid = grid
+        self.refinements.append(step)
+        self._cache.clear()
+
+    def regions_for(self, call: AttentionCall, device) -> torch.Tensor:
+        """The subjects' regions on this call's grid: `[S, N]` boxes, or `[images, S, N]` refined masks."""
+        if self.refined is None:
+            return box_masks(self.layout.boxes, call.height, call.width, device)
+        if self.refined.shape[0] != call.layout.images:
+            raise ValueError(f"bounded attention: refined masks for {self.refined.shape[0]} image(s), but this call "
+                             f"has {call.layout.images}; begin_run() must start every sampling run")
+        return resize_regions(self.refined, self.refined_grid, (call.height, call.width)).to(device)
 
     # -- masks ---------------------------------------------------------------
 
     def mask_for(self, call: AttentionCall, keys: int, dtype, device) -> torch.Tensor | None:
-        """The additive mask of this call: self `[1, 1, N, N]`, cross `[B, 1, N, K]` (zero on unconditional rows)."""
+        """The additive mask of this call: self `[1|B, 1, N, N]`, cross `[B, 1, N, K]` (zero on unconditional rows).
+
+        Box regions are the same for every image; refined ones are per image, so
+        the self mask then has a row per batch row (unless there is one image).
+        """
         guiding = self.collected is not None
         key = (call.is_self, call.height, call.width, keys, dtype, device, call.layout, guiding)
         mask = self._cache.get(key)
         if mask is None:
             if len(self._cache) > 64:
                 self._cache.clear()
-            regions = box_masks(self.layout.boxes, call.height, call.width, device)
+            regions = self.regions_for(call, device)  # [S, N] or [images, S, N]
+            chunks = len(call.layout.cond_or_uncond)
             if call.is_self:
-                mask = additive(self_attention_allowed(regions), dtype)[None, None]
+                allowed = self_attention_allowed(regions)  # [N, N] or [images, N, N]
+                if allowed.ndim == 3 and allowed.shape[0] > 1:
+                    allowed = allowed.repeat(chunks, 1, 1)  # row chunk·images + image holds that image's mask
+                mask = additive(allowed.reshape(-1, *allowed.shape[-2:]), dtype)[:, None]
             else:
                 cond = additive(cross_attention_allowed(self.layout, regions, keys, guiding, self.mask_eos), dtype)
-                rows = torch.zeros(len(call.layout.cond_or_uncond) * call.layout.images, 1, *cond.shape,
-                                   dtype=dtype, device=device)
-                rows[call.layout.rows(cond=True)] = cond
-                mask = rows
+                mask = torch.zeros(chunks * call.layout.images, 1, *cond.shape[-2:], dtype=dtype, device=device)
+                for chunk in call.layout.chunks(cond=True):
+                    mask[call.layout.chunk_rows(chunk), 0] = cond
             self._cache[key] = mask
         return mask
 
@@ -428,6 +640,7 @@ class BoundedAttention(AttentionTechnique):
         return self.masks or (self.collected is not None and call.layer in self.loss_layers)
 
     def __call__(self, q, k, v, call: AttentionCall, attend, mask=None):
+        self.refresh_regions(call.step)
         if self.masks:
             mask = combine_masks(mask, self.mask_for(call, k.shape[1], q.dtype, q.device))
         if self.collected is None or call.layer not in self.loss_layers:

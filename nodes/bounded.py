@@ -4,6 +4,8 @@ The math is attention_patches/bounded.py. This adapter resolves the subjects to
 token positions through the tokenizer that encoded the prompt, parses the boxes,
 puts the masks on the router and, for guidance, wraps the model's conds batch
 (`WrappersMP.CALC_COND_BATCH`): sampler-agnostic, on the clone this node owns.
+Mask refinement adds the technique's attention recorder to the same router and
+an `OUTER_SAMPLE` wrapper that starts every sampling run from the boxes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .patching import attach_router
 
 NODE = "BoundedAttentionLayout"
 WRAPPER_KEY = "attention_lab.bounded_guidance"
+RUN_WRAPPER_KEY = "attention_lab.bounded_run"
 GUIDANCE_CHOICES = ["bounded", "layout_guidance", "attend_and_excite", "off"]
 log = logging.getLogger("attention_lab")
 
@@ -166,11 +169,26 @@ class BoundedGuidanceWrapper:
                 for out in executor(model, conds, guided, timestep, model_options)]
 
 
+class BoundedRun:
+    """OUTER_SAMPLE wrapper: every sampling run starts from the boxes with an empty record."""
+
+    def __init__(self, technique: ba.BoundedAttention):
+        self.technique = technique
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, *args, **kwargs):
+        self.technique.begin_run()
+        return executor(*args, **kwargs)
+
+
 # --- the node ----------------------------------------------------------------------------
 
 
 def _apply(model, clip, prompt, subjects, boxes, width, height, guidance, guidance_steps, iterations_per_step,
-           step_size_start, step_size_end, loss_threshold, cross_loss_scale, self_loss_scale, mask_eos, filter_words):
+           step_size_start, step_size_end, loss_threshold, cross_loss_scale, self_loss_scale, mask_eos, filter_words,
+           refine_masks=True):
     subject_list = parse_subjects(subjects)
     box_list = parse_boxes(boxes, subject_list, width, height)
     layout = resolve_layout(clip, prompt, subject_list, box_list, filter_words)
@@ -191,7 +209,14 @@ def _apply(model, clip, prompt, subjects, boxes, width, height, guidance, guidan
             step_size_end=step_size_end if step_size_end > 0 else end,
             loss_threshold=loss_threshold, cross_loss_scale=cross_loss_scale, self_loss_scale=self_loss_scale,
         )
-    technique = router.add(ba.BoundedAttention(layout, ba.LOSS_LAYERS[family], config, mask_eos=mask_eos))
+    technique = router.add(ba.BoundedAttention(
+        layout, ba.LOSS_LAYERS[family], config, mask_eos=mask_eos,
+        refinement=ba.RefinementConfig() if refine_masks else None, mask_layers=ba.MASK_LAYERS[family],
+    ))
+    if technique.recorder is not None:
+        router.add(technique.recorder)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_KEY,
+                                     BoundedRun(technique))
     if config is not None and guidance_steps > 0:
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
                                      BoundedGuidanceWrapper(technique, router.ordinal))
@@ -250,6 +275,12 @@ class BoundedAttentionLayout(io.ComfyNode):
                 io.Boolean.Input("filter_words", default=True,
                                  tooltip="Close the prompt's function words (a, the, and, in, numbers, left/right/top/bottom, ...) "
                                          "to every pixel, as the authors' part-of-speech filter does."),
+                io.Boolean.Input("refine_masks", default=True,
+                                 tooltip="From step 15 on (rebuilt every 5 steps), mask each subject by its shape instead of "
+                                         "its box (paper: on): the self-attention maps are clustered (KMeans, 3 clusters per "
+                                         "subject) and each cluster goes to the subject whose cross-attention covers it; a "
+                                         "subject with no cluster keeps its box. Needs more than 15 steps to take effect; "
+                                         "costs one attention map recording of the first decoder block."),
             ],
             outputs=[io.Model.Output(tooltip="The model with Bounded Attention; connect it to any sampler.")],
         )
