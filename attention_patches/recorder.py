@@ -51,6 +51,8 @@ class RecordSelection:
     layers: frozenset | None = None  # explicit (block, id, index) keys; None = every layer of `blocks`
     start: float = 0.0  # first recorded step, as a fraction of the schedule
     end: float = 1.0  # last recorded step, as a fraction of the schedule
+    # record only calls whose transformer_options carry this key (a pass that asks to be recorded)
+    only_with: str | None = None
 
     def __post_init__(self):
         unknown = set(self.kinds) - set(KINDS)
@@ -62,6 +64,8 @@ class RecordSelection:
             raise ValueError(f"max_tokens must be positive or None, got {self.max_tokens}")
 
     def matches(self, call: AttentionCall) -> bool:
+        if self.only_with is not None and not call.options.get(self.only_with):
+            return False
         if (SELF if call.is_self else CROSS) not in self.kinds:
             return False
         if self.layers is not None:

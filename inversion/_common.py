@@ -24,6 +24,9 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]
 #: (1..total), so it maps directly onto ``ProgressBar.update_absolute(step, total)``.
 ProgressCallback = Callable[[int, int], None]
 
+# after_step(k, x_next) -> x_next: an edit's operation on the latent between two steps
+StepHook = Callable[[int, Tensor], Tensor]
+
 # All arithmetic happens in float32, whatever dtype the model runs in: the
 # inversions subtract nearly equal quantities (x - x0_hat) and divide by small
 # sigmas, which fp16/bf16 cannot afford.

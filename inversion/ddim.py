@@ -10,6 +10,7 @@ from torch import Tensor
 from ._common import (
     Denoiser,
     ProgressCallback,
+    StepHook,
     call_denoiser,
     check_latent,
     check_schedule,
@@ -106,6 +107,7 @@ def ddim_sample(
     x_T: Tensor,
     sigmas_desc: Tensor | Sequence[float],
     callback: ProgressCallback | None = None,
+    after_step: StepHook | None = None,
 ) -> Tensor:
     """Deterministic DDIM sampling (η = 0), which in sigma space is exactly an Euler step::
 
@@ -129,6 +131,8 @@ def ddim_sample(
         x_T: the latent at ``sigmas_desc[0]``, ``[B, ...]``.
         sigmas_desc: strictly descending schedule, normally ending with 0; at least 2 steps.
         callback: ``callback(step, total)``, once per model call.
+        after_step: ``after_step(k, x_{k+1}) -> x_{k+1}``, called after each step k (an index
+            of ``sigmas_desc``) before the next, as in :func:`ddpm_replay`.
 
     Returns:
         The float32 latent at ``sigmas_desc[-1]``.
@@ -141,5 +145,7 @@ def ddim_sample(
         x0_hat = call_denoiser(denoise, x, s_cur)
         eps = eps_from_denoised(x, x0_hat, s_cur)
         x = x0_hat + s_next * eps
+        if after_step is not None:
+            x = after_step(k, x)
         report(callback, k + 1, n)
     return x

@@ -11,6 +11,7 @@ from torch import Tensor
 from ._common import (
     Denoiser,
     ProgressCallback,
+    StepHook,
     call_denoiser,
     check_latent,
     check_schedule,
@@ -132,6 +133,7 @@ def ddpm_replay(
     start: int = 0,
     x_start: Tensor | None = None,
     add_final_residual: bool = True,
+    after_step: StepHook | None = None,
 ) -> Tensor:
     """Replay a DDPM inversion: ``x_{k+1} = μ(x_k) + sigma_up·z_k`` from ``latents[start]``.
 
@@ -156,6 +158,9 @@ def ddpm_replay(
             the reconstruction exact whatever the model's error at the smallest sigma.
             The papers leave it out (they zero the last noise map); set False for that,
             e.g. when the replay is an edit and the source image's residual should not leak.
+        after_step: ``after_step(k, x_{k+1}) -> x_{k+1}``, called after each step k (an index
+            of the inversion's schedule) before the next; an edit's latent-space operation
+            (Cross-Image Attention's AdaIN) goes here.
 
     Returns:
         The float32 latent at σ = 0.
@@ -178,6 +183,8 @@ def ddpm_replay(
         eps = eps_from_denoised(x, x0_hat, s_cur)
         sigma_down, sigma_up = ddpm_step_coefficients(s_cur, s_prev)
         x = x0_hat + sigma_down * eps + sigma_up * noise_maps[k].to(x.device)
+        if after_step is not None:
+            x = after_step(k, x)
         report(callback, k - start + 1, total)
     if add_final_residual and inversion.final_residual is not None:
         x = x + inversion.final_residual.to(x.device)

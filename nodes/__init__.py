@@ -7,6 +7,7 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .bounded import BoundedAttentionLayout
+from .cross_image import CrossImageAttention
 from .demo import DemoModelLoader
 from .inversion import DDIMInversionSampler, DDIMInvert, InversionReplay
 from .style_aligned import SharedAttentionStyleAlign, StyleAlignedReferenceFromInversion
@@ -15,6 +16,7 @@ from .segment import AttentionRecorderNode, CrossAttnHeatmap, RecordAttentionPas
 NODES: list[type[io.ComfyNode]] = [
     DemoModelLoader,
     BoundedAttentionLayout,
+    CrossImageAttention,
     SharedAttentionStyleAlign, StyleAlignedReferenceFromInversion,
     DDIMInvert, DDIMInversionSampler, InversionReplay,
     AttentionRecorderNode, RecordAttentionPass, SelfAttnSegment, CrossAttnHeatmap, SelfAttnPCA,

@@ -150,8 +150,10 @@ def sample_ddpm_inversion(model, x, sigmas, extra_args=None, callback=None, disa
 
 
 def sample_replay(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                  inversion: Inversion | None = None, add_final_residual: bool = True, node: str = "InversionReplay"):
-    """Replay `inversion` over `sigmas` (its sampling schedule) from its stored x_T; returns the clean latent.
+                  inversion: Inversion | None = None, add_final_residual: bool = True, start: int = 0,
+                  node: str = "InversionReplay"):
+    """Replay `inversion` over `sigmas` (its sampling schedule from step `start`) from its stored latent
+    there; returns the clean latent.
 
     `x` (the same x_T, handed over as a user LATENT) is not used: it went through
     process_latent_out/in, and that float rounding alone, amplified by a chaotic
@@ -159,10 +161,11 @@ def sample_replay(model, x, sigmas, extra_args=None, callback=None, disable=None
     """
     calls = SamplerModel(model, extra_args, callback, len(sigmas) - 1, disable)
     check_invertible(*calls.sampling(), node)
-    x_T = inversion.x_T.to(x.device)
+    x_start = inversion.latent_at(float(sigmas[0])).to(x.device)
     if inversion.kind == "ddpm":
-        return ddpm_replay(calls, inversion, calls.progress, x_start=x_T, add_final_residual=add_final_residual)
-    return ddim_sample(calls, x_T, sigmas, calls.progress)
+        return ddpm_replay(calls, inversion, calls.progress, start=start, x_start=x_start,
+                           add_final_residual=add_final_residual)
+    return ddim_sample(calls, x_start, sigmas, calls.progress)
 
 
 def ddim_inversion_sampler() -> comfy.samplers.KSAMPLER:
@@ -173,16 +176,19 @@ def ddim_inversion_sampler() -> comfy.samplers.KSAMPLER:
 # --- running a sampler function through ComfyUI --------------------------------
 
 
-def guided_sample(model, sampler, sigmas, latent_image, positive, negative, cfg: float, seed: int) -> torch.Tensor:
-    """`CFGGuider.sample` with zero noise (the sampler starts from `latent_image` itself), with the UI progress bar.
+def cfg_guider(model, positive, negative, cfg: float) -> comfy.samplers.CFGGuider:
+    guider = comfy.samplers.CFGGuider(model)
+    guider.inner_set_conds({"positive": positive} if negative is None else {"positive": positive, "negative": negative})
+    guider.set_cfg(cfg)
+    return guider
+
+
+def guided_sample(guider, sampler, sigmas, latent_image, seed: int) -> torch.Tensor:
+    """`guider.sample` with zero noise (the sampler starts from `latent_image` itself), with the UI progress bar.
 
     `latent_image` is a user-space LATENT tensor; the result is one too, on the intermediate device.
     """
-    guider = comfy.samplers.CFGGuider(model)
-    conds = {"positive": positive} if negative is None else {"positive": positive, "negative": negative}
-    guider.inner_set_conds(conds)
-    guider.set_cfg(cfg)
-    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
+    callback = latent_preview.prepare_callback(guider.model_patcher, len(sigmas) - 1)
     samples = guider.sample(
         torch.zeros_like(latent_image), latent_image, sampler, sigmas, callback=callback,
         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
@@ -215,16 +221,17 @@ def invert(model, latent_image: torch.Tensor, positive, negative=None, cfg: floa
         sigmas = sigmas.flip(0)
     else:
         sampler = comfy.samplers.KSAMPLER(sample_ddpm_inversion, {"holder": holder, "seed": seed, "node": node})
-    noise = guided_sample(model, sampler, sigmas, latent_image, positive, negative, cfg, seed)
+    noise = guided_sample(cfg_guider(model, positive, negative, cfg), sampler, sigmas, latent_image, seed)
     return noise, holder.inversion.to(comfy.model_management.intermediate_device())
 
 
 def replay(model, inversion: Inversion, positive, negative=None, cfg: float = 1.0,
-           add_final_residual: bool = True, node: str = "InversionReplay") -> torch.Tensor:
-    """Denoise an INVERSION's x_T over its own schedule with `model`: a user-space LATENT tensor.
+           add_final_residual: bool = True, start: int = 0, node: str = "InversionReplay") -> torch.Tensor:
+    """Denoise an INVERSION over its own schedule with `model`: a user-space LATENT tensor.
 
     DDPM: `ddpm_replay` with the stored noise maps (exact with the same model and
-    conditioning). DDIM: deterministic DDIM (= Euler) sampling.
+    conditioning). DDIM: deterministic DDIM (= Euler) sampling. `start` skips the
+    first steps of the sampling schedule (the replay begins at the stored latent there).
     """
     if not isinstance(inversion, Inversion):
         raise ValueError(f"{node}: inversion: expected an INVERSION from DDIMInvert, got {type(inversion).__name__}")
@@ -232,11 +239,14 @@ def replay(model, inversion: Inversion, positive, negative=None, cfg: float = 1.
     batch = inversion.latents.shape[1]
     check_conditioning_batch(positive, batch, "positive", node)
     check_conditioning_batch(negative, batch, "negative", node)
+    if not 0 <= start < inversion.num_steps:
+        raise ValueError(f"{node}: start: must be in [0, {inversion.num_steps - 1}] for a {inversion.num_steps}-step inversion")
+    sigmas = inversion.sampling_sigmas[start:]
     sampler = comfy.samplers.KSAMPLER(
-        sample_replay, {"inversion": inversion, "add_final_residual": add_final_residual, "node": node}
+        sample_replay, {"inversion": inversion, "add_final_residual": add_final_residual, "start": start, "node": node}
     )
-    x_T = model.model.process_latent_out(inversion.x_T)
-    return guided_sample(model, sampler, inversion.sampling_sigmas, x_T, positive, negative, cfg, seed=0)
+    x_start = model.model.process_latent_out(inversion.latent_at(float(sigmas[0])))
+    return guided_sample(cfg_guider(model, positive, negative, cfg), sampler, sigmas, x_start, seed=0)
 
 
 # --- nodes ------------------------------------------------------------------

@@ -63,6 +63,25 @@ def unet_layers(model, node: str = "this node") -> list[tuple[str, int, int]]:
     return layers
 
 
+def decoder_levels(model, node: str = "this node") -> list[list[tuple[str, int, int]]]:
+    """The decoder's attention layers grouped by resolution, highest resolution first.
+
+    Read from the UNet's modules: every `Upsample` in `output_blocks` starts the
+    next (higher) resolution, so this holds for any SD1.x/SD2.x/SDXL-style UNet.
+    """
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+
+    by_output_block = {}
+    for layer in unet_layers(model, node):
+        if layer[0] == "output":
+            by_output_block.setdefault(layer[1], []).append(layer)
+    levels, upsamples = {}, 0
+    for block_id, block in enumerate(model.model.diffusion_model.output_blocks):
+        levels.setdefault(upsamples, []).extend(by_output_block.get(block_id, []))
+        upsamples += any(isinstance(m, openaimodel.Upsample) for m in block.modules())
+    return [levels[u] for u in sorted(levels, reverse=True) if levels[u]]
+
+
 def router_of(model) -> AttentionRouter | None:
     """The router on this MODEL, if one of our nodes installed it."""
     return find_router(model.model_options.get("transformer_options", {}).get("patches_replace", {}))

@@ -264,7 +264,7 @@ def test_errors(tiny, inv):
 
 def test_steps_below_two_is_refused_by_the_node_schema(host):
     prompt = {
-        "1": {"class_type": "DemoModelLoader", "inputs": {"weights_seed": 0}},
+        "1": {"class_type": "DemoModelLoader", "inputs": {}},
         "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["1", 1]}},
         "4": {"class_type": "DDIMInvert", "inputs": {

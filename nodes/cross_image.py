@@ -1,0 +1,382 @@
+"""CrossImageAttention: zero-shot appearance transfer from two inverted images (methods.md §2).
+
+The math is attention_patches/cross_image.py. This adapter runs the transfer as
+one ComfyUI sampling run (`CFGGuider.sample` with a KSAMPLER), so conditioning
+processing, ControlNet on the output branch, model patches, model loading and
+the progress bar are ComfyUI's own:
+
+- the sampler replays the structure image's inversion from its skipped steps
+  (edit-friendly DDPM: its noise maps), applying masked AdaIN between steps;
+- the guider (`CrossImageGuider`, a `CFGGuider` whose `predict_noise` is the
+  documented extension point) runs, at a swap step, a *source* UNet call on the
+  appearance (or structure) latent of that step, read from its inversion, which
+  stores the swap layers' keys and values, then the *output* call(s) that use
+  them, and blends the swap and no-swap predictions (swap guidance).
+
+The appearance and structure branches are never denoised: their trajectories
+are their inversions, so they reconstruct their images exactly and cost one
+UNet call per swap step (the appearance's) plus one at a few steps (the
+structure's), never the authors' two full passes of three branches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import comfy.model_management
+import comfy.samplers
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+
+from ..attention_patches import cross_image as ci
+from ..attention_patches.recorder import CROSS, SELF, AttentionRecorder, RecordSelection
+from ..attention_patches.segmentation import select_words
+from ..inversion import Inversion, ddim_sample, ddpm_replay
+from ..inversion._common import vp_scale
+from .inversion import INVERSION, SamplerModel, check_invertible, guided_sample
+from .patching import attach_router, decoder_levels
+from .segment import prompt_words
+
+NODE = "CrossImageAttention"
+RECORD_KEY = "attention_lab.cross_image.record"
+VAE_SCALE = 8
+log = logging.getLogger("attention_lab")
+
+
+# --- the run: state shared by the guider and the sampler function --------------------------
+
+
+@dataclass
+class CrossImageRun:
+    structure: Inversion
+    appearance: Inversion
+    skip: int
+    schedule: ci.CrossImageSchedule
+    technique: ci.CrossImageAttention
+    recorder: AttentionRecorder
+    object_tokens: dict  # branch -> token positions of its object word(s)
+    segments: int
+    masks: dict | None = None  # branch -> [images, h, w] at latent size, once recorded
+    mask_note: list = field(default_factory=list)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return self.structure.sampling_sigmas
+
+    def step_at(self, sigma: float) -> int:
+        """The denoising step (0 = the first after the skipped ones) of a model call at `sigma`."""
+        return int(torch.argmin((self.sigmas.double() - sigma).abs())) - self.skip
+
+    def latent(self, branch: str, step: int, device) -> torch.Tensor:
+        """A branch's latent at a denoising step, from its inversion: the branch's exact trajectory.
+
+        After the last step (σ = 0) that is where a replay without the final residual ends,
+        x̂0 = x0 − final_residual (as the authors' branches end), not the image's own latent.
+        """
+        inversion = self.structure if branch == ci.STRUCTURE else self.appearance
+        sigma = float(self.sigmas[self.skip + step])
+        latent = inversion.latent_at(sigma)
+        if sigma == 0.0 and inversion.final_residual is not None:
+            latent = latent - inversion.final_residual
+        return latent.to(device)
+
+    def after_step(self, step: int, x: torch.Tensor) -> torch.Tensor:
+        """Masked AdaIN of the output latent after `step` (in the VP space the authors use)."""
+        adain_step = self.schedule.adain_step
+        if adain_step is None or step < adain_step or self.masks is None:
+            return x
+        # the latents after `step` are at the next sigma (0 after the last step: the clean latents)
+        scale = vp_scale(float(self.sigmas[self.skip + step + 1]))
+        style = self.latent(ci.APPEARANCE, step + 1, x.device) / scale
+        content = x / scale
+        out = []
+        for i in range(x.shape[0]):
+            s = style[i if style.shape[0] == x.shape[0] else 0]
+            cm = self.masks[ci.STRUCTURE][i].to(x.device)
+            sm = self.masks[ci.APPEARANCE][i if self.masks[ci.APPEARANCE].shape[0] == x.shape[0] else 0].to(x.device)
+            out.append(ci.masked_adain(content[i], s, cm, sm))
+        return torch.stack(out) * scale
+
+
+def with_options(model_options: dict, **entries) -> dict:
+    """A copy of `model_options` whose transformer_options carry `entries` (the calls' pass records)."""
+    options = dict(model_options)
+    options["transformer_options"] = {**model_options.get("transformer_options", {}), **entries}
+    return options
+
+
+class CrossImageGuider(comfy.samplers.CFGGuider):
+    """CFGGuider whose prediction at a swap step runs the source call, then the swapped output."""
+
+    def __init__(self, model_patcher, run: CrossImageRun):
+        super().__init__(model_patcher)
+        self.run = run
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        run = self.run
+        step = run.step_at(float(timestep.reshape(-1)[0]))
+        if step == run.schedule.adain_step and run.masks is None:
+            run.masks = {branch: self.object_masks(branch, step, timestep, model_options)
+                         for branch in (ci.STRUCTURE, ci.APPEARANCE)}
+        if not run.schedule.swaps(step):
+            return super().predict_noise(x, timestep, model_options, seed)
+        try:
+            self.source_call(run.schedule.source(step), step, timestep, model_options)
+            output = with_options(model_options, **{ci.PASS_KEY: ci.CrossImagePass(ci.OUTPUT, swap_conds=(0,))})
+            positive = self.conds.get("positive")
+            if not math.isclose(self.cfg, 1.0):
+                # the authors' text CFG: swapped conditional, unswapped unconditional prediction
+                return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative"),
+                                                        positive, self.cfg, model_options=output, seed=seed)
+            scale = run.schedule.guidance_scale(step)
+            if scale is None:
+                return comfy.samplers.calc_cond_batch(self.inner_model, [positive], x, timestep, output)[0]
+            swap, no_swap = comfy.samplers.calc_cond_batch(self.inner_model, [positive, positive], x, timestep, output)
+            return ci.swap_guided(no_swap, swap, scale)
+        finally:
+            run.technique.clear()
+
+    def source_call(self, branch: str, step: int, timestep, model_options) -> None:
+        x = self.run.latent(branch, step, timestep.device)
+        options = with_options(model_options, **{ci.PASS_KEY: ci.CrossImagePass(ci.SOURCE)})
+        comfy.samplers.calc_cond_batch(self.inner_model, [self.conds[branch]], x, timestep[:1].expand(x.shape[0]), options)
+
+    def object_masks(self, branch: str, step: int, timestep, model_options) -> torch.Tensor:
+        """The branch's object masks `[images, h, w]` at latent size, from its attention at `step`."""
+        run = self.run
+        x = run.latent(branch, step, timestep.device)
+        run.recorder.begin_run()
+        comfy.samplers.calc_cond_batch(self.inner_model, [self.conds[branch]], x, timestep[:1].expand(x.shape[0]),
+                                       with_options(model_options, **{RECORD_KEY: True}))
+        self_grid = run.recorder.grids(SELF)[0]
+        cross_grid = min(run.recorder.grids(CROSS), key=lambda g: g[0] * g[1])
+        self_maps, cross_maps = run.recorder.mean(SELF, self_grid), run.recorder.mean(CROSS, cross_grid)
+        positions = list(run.object_tokens[branch])
+        masks = []
+        for i in range(self_maps.shape[0]):
+            noun = cross_maps[i][:, positions].sum(-1).reshape(cross_grid)
+            mask = ci.object_mask(self_maps[i], self_grid, noun, run.segments)
+            if not mask.any():
+                run.mask_note.append(f"{branch} image {i}: no segment scored as the object; AdaIN uses the whole latent")
+                mask = torch.ones_like(mask)
+            masks.append(F.interpolate(mask[None, None], size=tuple(x.shape[-2:]), mode="nearest")[0, 0])
+        run.recorder.begin_run()  # the maps are not needed any more
+        return torch.stack(masks)
+
+
+def sample_cross_image(model, x, sigmas, extra_args=None, callback=None, disable=None, run: CrossImageRun = None):
+    """The output branch: the structure's trajectory replayed from its skipped steps, AdaIN between steps."""
+    calls = SamplerModel(model, extra_args, callback, len(sigmas) - 1, disable)
+    check_invertible(*calls.sampling(), NODE)
+    structure = run.structure
+    x_start = run.latent(ci.STRUCTURE, 0, x.device)
+    if structure.kind == "ddpm":
+        return ddpm_replay(calls, structure, calls.progress, start=run.skip, x_start=x_start, add_final_residual=False,
+                           after_step=lambda k, latent: run.after_step(k - run.skip, latent))
+    return ddim_sample(calls, x_start, sigmas, calls.progress, after_step=run.after_step)
+
+
+# --- checks and text ------------------------------------------------------------------------
+
+
+def check_inversions(structure, appearance) -> None:
+    for name, value in (("structure", structure), ("appearance", appearance)):
+        if not isinstance(value, Inversion):
+            raise ValueError(f"{NODE}: {name}: expected an INVERSION from DDIMInvert, got {type(value).__name__}")
+    s, a = structure.sampling_sigmas, appearance.sampling_sigmas
+    if s.shape != a.shape or not torch.allclose(s, a, rtol=1e-5, atol=1e-6):
+        raise ValueError(
+            f"{NODE}: appearance: inverted over another schedule ({appearance.num_steps} steps) than the structure "
+            f"({structure.num_steps} steps); invert both with the same model, steps and scheduler"
+        )
+    batch, appearance_batch = structure.latents.shape[1], appearance.latents.shape[1]
+    if appearance_batch not in (1, batch):
+        raise ValueError(
+            f"{NODE}: appearance: {appearance_batch} images for {batch} structure image(s); give 1 appearance image "
+            f"(shared) or {batch} (one per structure image)"
+        )
+    if structure.latents.shape[2] != appearance.latents.shape[2]:
+        raise ValueError(f"{NODE}: appearance: its latent has {appearance.latents.shape[2]} channels, the structure's "
+                         f"{structure.latents.shape[2]}: invert both with the same model")
+
+
+def branch_prompt(template: str, obj: str, name: str) -> str:
+    obj = obj.strip()
+    if not obj:
+        raise ValueError(f"{NODE}: {name}: name the object in the {name.split('_')[0]} image (e.g. 'giraffe')")
+    return template.replace("{}", obj) if "{}" in template else template
+
+
+def object_positions(clip, prompt: str, obj: str, name: str) -> tuple[int, ...]:
+    words, _ = prompt_words(clip, prompt, NODE)
+    try:
+        return select_words(words, obj)[obj.strip().lower()]
+    except ValueError as error:
+        reason = str(error).removeprefix("words: ")
+        raise ValueError(f"{NODE}: {name}: {reason} (prompt {prompt!r})") from error
+
+
+def encode(clip, text: str):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def pixel_masks(masks: torch.Tensor | None, latent_shape) -> torch.Tensor:
+    """Latent-size masks as a MASK at image size (zeros when no masks were made)."""
+    if masks is None:
+        return torch.zeros(latent_shape[0], latent_shape[-2] * VAE_SCALE, latent_shape[-1] * VAE_SCALE)
+    return F.interpolate(masks[:, None].float(), scale_factor=VAE_SCALE, mode="nearest")[:, 0].cpu()
+
+
+# --- the transfer ---------------------------------------------------------------------------
+
+
+def transfer(model, clip, structure: Inversion, appearance: Inversion, structure_object: str, appearance_object: str,
+             prompt: str = "A photo of a {}", skip: float = ci.SKIP, contrast: float = ci.CONTRAST,
+             swap_guidance: float = ci.SWAP_GUIDANCE, swap_start: float = ci.SWAP_START, swap_end: float = 1.0,
+             structure_every: int = ci.STRUCTURE_EVERY, structure_end: float = ci.STRUCTURE_END,
+             masked_adain: bool = True, adain_start: float = ci.ADAIN_START, segments: int = ci.SEGMENTS,
+             cfg: float = 1.0, output_conditioning=None):
+    """The transferred LATENT tensor (user space) and the run (its masks)."""
+    check_inversions(structure, appearance)
+    n = structure.num_steps
+    skip_steps = int(math.floor(skip * n + 0.5))
+    if not 0 <= skip_steps < n:
+        raise ValueError(f"{NODE}: skip: {skip} of {n} steps leaves no step to denoise; lower it")
+    try:
+        schedule = ci.CrossImageSchedule(n - skip_steps, swap_start, swap_end, structure_every, structure_end,
+                                         swap_guidance, masked_adain, adain_start)
+        levels = decoder_levels(model, NODE)
+        technique = ci.CrossImageAttention([layer for level in levels[:2] for layer in level], contrast)
+    except ValueError as error:
+        raise ValueError(error if str(error).startswith(NODE) else f"{NODE}: {error}") from error
+    # the authors' mask maps: the last self-attention layer at the highest decoder resolution,
+    # the last cross-attention layer at the next one
+    mask_layers = frozenset({levels[0][-1], levels[min(1, len(levels) - 1)][-1]})
+    recorder = AttentionRecorder(RecordSelection(layers=mask_layers, max_tokens=None, only_with=RECORD_KEY))
+
+    prompts = {ci.STRUCTURE: branch_prompt(prompt, structure_object, "structure_object"),
+               ci.APPEARANCE: branch_prompt(prompt, appearance_object, "appearance_object")}
+    objects = {ci.STRUCTURE: structure_object, ci.APPEARANCE: appearance_object}
+    tokens = {}
+    if masked_adain:
+        tokens = {b: object_positions(clip, prompts[b], objects[b], f"{b}_object") for b in prompts}
+
+    patched = model.clone()
+    router = attach_router(patched, NODE)
+    router.add(technique)
+    router.add(recorder)
+    run = CrossImageRun(structure, appearance, skip_steps, schedule, technique, recorder, tokens, segments)
+    guider = CrossImageGuider(patched, run)
+    conds = {"positive": output_conditioning if output_conditioning is not None else encode(clip, prompts[ci.STRUCTURE]),
+             ci.STRUCTURE: encode(clip, prompts[ci.STRUCTURE]), ci.APPEARANCE: encode(clip, prompts[ci.APPEARANCE])}
+    if not math.isclose(cfg, 1.0):
+        conds["negative"] = encode(clip, "")
+    guider.inner_set_conds(conds)
+    guider.set_cfg(cfg)
+    sigmas = structure.sampling_sigmas[skip_steps:]
+    sampler = comfy.samplers.KSAMPLER(sample_cross_image, {"run": run})
+    start = patched.model.process_latent_out(run.latent(ci.STRUCTURE, 0, "cpu"))
+    samples = guided_sample(guider, sampler, sigmas, start, seed=0)
+    for note in run.mask_note:
+        log.warning("[Attention Lab] %s: %s", NODE, note)
+    return samples, run
+
+
+# --- the node -------------------------------------------------------------------------------
+
+FRACTION = dict(min=0.0, max=1.0, step=0.001, round=0.001)
+
+
+class CrossImageAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=NODE,
+            display_name="Cross-Image Attention (Attention Lab)",
+            category="attention_lab/editing",
+            description=(
+                "Zero-shot appearance transfer (Cross-Image Attention, Alaluf et al. 2024): the structure image's "
+                "layout and shapes with the appearance image's colours and textures. Invert both images with "
+                "DDIMInvert (method ddpm, cfg 3.5, the same steps and scheduler; the authors use 100 steps), then "
+                "this node denoises the structure's trajectory while its decoder self-attention at the two highest "
+                "resolutions takes keys and values from the appearance image. The images may differ in size: the "
+                "output has the structure's size. SD1.x, SD2.x and SDXL."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model both images were inverted with."),
+                io.Clip.Input("clip", tooltip="Encodes each branch's prompt and finds its object word's tokens."),
+                INVERSION.Input("structure", tooltip="The structure image's INVERSION (DDIMInvert, method ddpm): the "
+                                                     "output keeps its layout and shapes and has its size."),
+                INVERSION.Input("appearance", tooltip="The appearance image's INVERSION, over the same schedule: "
+                                                      "the output takes its colours and textures."),
+                io.String.Input("structure_object", default="object",
+                                tooltip="The object (domain word) in the structure image, e.g. 'giraffe': put into "
+                                        "the prompt and used to find the object's mask for masked AdaIN."),
+                io.String.Input("appearance_object", default="object",
+                                tooltip="The object in the appearance image, e.g. 'zebra'."),
+                io.String.Input("prompt", default="A photo of a {}",
+                                tooltip="Each branch's prompt, {} replaced by its object (the authors' template). "
+                                        "Without {} the text is used for both, and must contain both object words. "
+                                        "Use the prompt the images were inverted with."),
+                io.Float.Input("skip", default=ci.SKIP, **FRACTION,
+                               tooltip="Share of the inversion's steps skipped: denoising starts from the structure's "
+                                       "latent there (authors: 32 of 100). Higher keeps more of the structure image."),
+                io.Float.Input("contrast", default=ci.CONTRAST, min=0.1, max=5.0, step=0.01,
+                               tooltip="Attention contrast γ on the swapped map: clip((A − mean)·γ + mean, 0, 1). "
+                                       "1 = plain swapped attention; the authors use 1.67 for sharper correspondences."),
+                io.Float.Input("swap_guidance", default=ci.SWAP_GUIDANCE, min=1.0, max=20.0, step=0.1,
+                               tooltip="Swap guidance λ: ε = ε_noswap + λ(ε_swap − ε_noswap), decaying linearly to "
+                                       "max(λ/2, 1) over the steps; one extra UNet call per swap step. 1 = off. "
+                                       "Used when cfg is 1 (the authors' text CFG is off)."),
+                io.Float.Input("swap_start", default=round(ci.SWAP_START, 3), **FRACTION,
+                               tooltip="Share of the denoising steps before the swap starts (authors: step 10 of 68)."),
+                io.Float.Input("swap_end", default=1.0, **FRACTION,
+                               tooltip="Share of the denoising steps after which the swap stops (authors: never)."),
+                io.Int.Input("structure_every", default=ci.STRUCTURE_EVERY, min=0, max=100,
+                             tooltip="Every this many swap steps (from swap_start), keys and values come from the "
+                                     "structure image instead, until structure_end (authors: steps 10, 15, …, 35). "
+                                     "0 = always the appearance."),
+                io.Float.Input("structure_end", default=round(ci.STRUCTURE_END, 3), **FRACTION,
+                               tooltip="Share of the denoising steps after which the structure is no longer "
+                                       "interleaved (authors: step 40 of 68)."),
+                io.Boolean.Input("masked_adain", default=True,
+                                 tooltip="After adain_start, match the output latent's per-channel statistics inside "
+                                         "the structure object's mask to the appearance latent's inside its object's "
+                                         "mask. Masks come from clustering self-attention, labelled by the object word."),
+                io.Float.Input("adain_start", default=round(ci.ADAIN_START, 3), **FRACTION,
+                               tooltip="Share of the denoising steps before masked AdaIN starts; the masks are taken "
+                                       "from the attention at that step (authors: step 20 of 68)."),
+                io.Int.Input("segments", default=ci.SEGMENTS, min=2, max=20,
+                             tooltip="KMeans clusters of the self-attention used to find the objects (authors: 5)."),
+                io.Float.Input("cfg", default=1.0, min=1.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Text classifier-free guidance of the output. 1 (authors): off, swap guidance "
+                                       "on. Above 1: ε_uncond(no swap) + cfg·(ε_cond(swap) − ε_uncond), no swap "
+                                       "guidance."),
+                io.Conditioning.Input("output_conditioning", optional=True,
+                                      tooltip="Replaces the output branch's prompt, e.g. the structure prompt through "
+                                              "ControlNetApply: ControlNet then steers the output only."),
+            ],
+            outputs=[
+                io.Latent.Output("latent", tooltip="The transferred image (structure's size); decode with VAEDecode."),
+                io.Mask.Output("structure_mask", tooltip="The structure object's mask used by masked AdaIN "
+                                                         "(zeros when masked AdaIN is off)."),
+                io.Mask.Output("appearance_mask", tooltip="The appearance object's mask used by masked AdaIN."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, structure, appearance, structure_object, appearance_object, prompt, skip, contrast,
+                swap_guidance, swap_start, swap_end, structure_every, structure_end, masked_adain, adain_start,
+                segments, cfg, output_conditioning=None) -> io.NodeOutput:
+        samples, run = transfer(model, clip, structure, appearance, structure_object, appearance_object, prompt, skip,
+                                contrast, swap_guidance, swap_start, swap_end, structure_every, structure_end,
+                                masked_adain, adain_start, segments, cfg, output_conditioning)
+        masks = run.masks or {}
+        return io.NodeOutput(
+            {"samples": samples},
+            pixel_masks(masks.get(ci.STRUCTURE), samples.shape),
+            pixel_masks(masks.get(ci.APPEARANCE), appearance.latents.shape[1:]),
+        )

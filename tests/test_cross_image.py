@@ -1,0 +1,226 @@
+"""Cross-Image Attention math against direct float64 implementations of methods.md §2 (no host)."""
+
+import pytest
+import torch
+
+from attention_lab.attention_patches import sdpa_attention
+from attention_lab.attention_patches.call import AttentionCall, ChunkLayout
+from attention_lab.attention_patches.cross_image import (
+    APPEARANCE,
+    OUTPUT,
+    PASS_KEY,
+    SOURCE,
+    STRUCTURE,
+    CrossImageAttention,
+    CrossImagePass,
+    CrossImageSchedule,
+    adain,
+    contrast,
+    contrasted_attention,
+    masked_adain,
+    object_clusters,
+    object_mask,
+    swap_guidance_scales,
+    swap_guided,
+)
+from attention_reference import softmax_attention
+
+HEADS, DIM = 2, 8
+LAYER = ("output", 9, 0)
+
+
+def attend(q, k, v, mask=None):
+    return sdpa_attention(q, k, v, HEADS, mask=mask)
+
+
+def paper_contrasted(q, k, v, gamma):
+    """The authors' code: softmax, then per head (A − row mean)·γ + row mean, clip to [0, 1], @ V."""
+    b, n, _ = q.shape
+    qh, kh, vh = (t.double().reshape(t.shape[0], t.shape[1], HEADS, DIM).transpose(1, 2) for t in (q, k, v))
+    a = torch.softmax(qh @ kh.transpose(-1, -2) / DIM**0.5, dim=-1)
+    out = torch.empty(b, HEADS, n, DIM, dtype=torch.float64)
+    for i in range(b):
+        for h in range(HEADS):
+            # the authors write `a.mean(dim=-1)` without keepdim, which broadcasts right only for square
+            # maps; every row mean is 1/N either way
+            m = a[i, h].mean(dim=-1, keepdim=True)
+            out[i, h] = torch.clip((a[i, h] - m) * gamma + m, 0.0, 1.0) @ vh[i, h]
+    return out.transpose(1, 2).reshape(b, n, HEADS * DIM)
+
+
+def test_contrast_is_the_authors_operation():
+    a = torch.rand(3, 5, 7).softmax(-1)
+    out = contrast(a, 1.67)
+    expected = ((a - 1 / 7) * 1.67 + 1 / 7).clamp(0, 1)
+    assert torch.allclose(out, expected, atol=1e-7)
+    assert torch.equal(contrast(a, 1.0), a)
+    # not renormalised, and the smallest weights are cut to zero
+    strong = contrast(torch.tensor([[0.7, 0.2, 0.05, 0.05]]), 3.0)
+    assert strong[0, 2] == 0 and strong.sum() != 1
+
+
+@pytest.mark.parametrize("gamma", [1.0, 1.67, 4.0])
+def test_contrasted_attention_matches_the_authors_code(gamma):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, HEADS * DIM, generator=g) * 2 for n in (16, 16, 16))
+    expected = paper_contrasted(q, k, v, gamma)
+    assert torch.allclose(contrasted_attention(q, k, v, HEADS, gamma).double(), expected, atol=1e-5)
+    # the query blocks (bounded memory) do not change the result
+    assert torch.allclose(contrasted_attention(q, k, v, HEADS, gamma, chunk_elements=40).double(), expected, atol=1e-5)
+
+
+def test_swap_guidance_schedule_is_the_authors_linspace():
+    scales = swap_guidance_scales(3.5, 68)
+    assert len(scales) == 68 and scales[0] == 3.5 and abs(scales[-1] - 1.75) < 1e-12
+    assert abs(scales[10] - (3.5 - 1.75 * 10 / 67)) < 1e-12
+    assert swap_guidance_scales(1.5, 3)[-1] == 1.0  # never below 1
+    a, b = torch.randn(4), torch.randn(4)
+    assert torch.allclose(swap_guided(a, b, 2.0), a + 2.0 * (b - a))
+
+
+def paper_mean_std(feat, mask=None):  # the authors' calc_mean_std on [C, H, W]
+    c = feat.shape[0]
+    flat = feat.reshape(c, -1) if mask is None else feat.reshape(c, -1)[:, mask.reshape(-1) == 1]
+    return flat.mean(1).view(c, 1, 1), (flat.var(1) + 1e-5).sqrt().view(c, 1, 1)
+
+
+def test_adain_and_masked_adain_match_the_equations():
+    g = torch.Generator().manual_seed(1)
+    content = torch.randn(4, 8, 8, generator=g, dtype=torch.float64) * 2 + 1
+    style = torch.randn(4, 6, 10, generator=g, dtype=torch.float64) * 0.5 - 3  # another size: statistics only
+    cm, cs = paper_mean_std(content)
+    sm, ss = paper_mean_std(style)
+    assert torch.allclose(adain(content, style), (content - cm) / cs * ss + sm)
+
+    content_mask = torch.zeros(8, 8, dtype=torch.float64)
+    content_mask[2:6, 1:5] = 1
+    style_mask = torch.zeros(6, 10, dtype=torch.float64)
+    style_mask[:3, 4:] = 1
+    cm, cs = paper_mean_std(content, content_mask)
+    sm, ss = paper_mean_std(style, style_mask)
+    moved = (content - cm) / cs * ss + sm
+    expected = content * (1 - content_mask) + moved * content_mask
+    out = masked_adain(content, style, content_mask, style_mask)
+    assert torch.allclose(out, expected)
+    assert torch.equal(out[:, content_mask == 0], content[:, content_mask == 0])  # outside the mask: untouched
+    # inside, the output's statistics are the style's
+    om, os_ = paper_mean_std(out, content_mask)
+    assert torch.allclose(om, sm) and torch.allclose(os_, ss, atol=1e-4)
+    # identity when content and style are the same latent and mask
+    assert torch.allclose(masked_adain(content, content, content_mask, content_mask), content)
+
+
+def test_object_clusters_rule():
+    # one clear object cluster: 0.9 > 1.4 * mean(0.1, 0.12, 0.11, 0.05) = 0.133 > every other score
+    assert object_clusters([0.1, 0.9, 0.12, 0.11, 0.05]) == [False, True, False, False, False]
+    # the bar is relative: 0.2 beats 1.4 * mean(0.1, 0.2, 0.15, 0.05) = 0.175
+    assert object_clusters([0.1, 0.9, 0.2, 0.15, 0.05]) == [False, True, True, False, False]
+    # two object clusters: the max is left out of the mean, the second still beats 1.4x it
+    assert object_clusters([0.8, 0.9, 0.1, 0.1, 0.1]) == [True, True, False, False, False]
+    # flat scores: nothing is the object
+    assert not any(object_clusters([0.5, 0.5, 0.5, 0.5]))
+
+
+def test_object_mask_on_planted_attention():
+    """Tokens in a planted square attend only among themselves, and the object word's map covers that
+    square: the mask is the square."""
+    h = w = 8
+    region = torch.zeros(h, w, dtype=torch.bool)
+    region[2:6, 2:6] = True
+    bands = torch.arange(h * w).reshape(h, w) // (2 * w)  # four background bands, each its own group
+    groups = torch.where(region, torch.full_like(bands, 9), bands).reshape(-1)
+    attention = (groups[:, None] == groups[None, :]).double()
+    attention = attention / attention.sum(-1, keepdim=True)
+    noun = torch.full((4, 4), 0.05)  # a coarser cross-attention grid, as the authors' 32² map for 64² clusters
+    noun[1:3, 1:3] = 1.0
+    mask = object_mask(attention, (h, w), noun, clusters=5)
+    assert torch.equal(mask.bool(), region)
+
+
+def test_schedule_reproduces_the_authors_steps():
+    s = CrossImageSchedule(68)
+    assert [k for k in range(68) if s.swaps(k)] == list(range(10, 68))
+    assert [k for k in range(68) if s.swaps(k) and s.source(k) == STRUCTURE] == [10, 15, 20, 25, 30, 35]
+    assert s.source(11) == APPEARANCE and s.source(40) == APPEARANCE
+    assert s.adain_step == 20
+    assert s.guidance_scale(10) == swap_guidance_scales(3.5, 68)[10]
+    assert CrossImageSchedule(68, guidance=1.0).guidance_scale(10) is None
+    assert CrossImageSchedule(68, adain=False).adain_step is None
+    assert not any(CrossImageSchedule(68, structure_every=0).source(k) == STRUCTURE for k in range(68))
+    with pytest.raises(ValueError, match="swap_start"):
+        CrossImageSchedule(10, swap_start=0.8, swap_end=0.5)
+    with pytest.raises(ValueError, match="swap_guidance"):
+        CrossImageSchedule(10, guidance=0.5)
+
+
+# -- the technique on planted calls ----------------------------------------------------
+
+
+def make_call(batch, cond_or_uncond, step_pass, tokens=16):
+    return AttentionCall(
+        layer=LAYER, ordinal=0, num_layers=1, is_self=True, height=4, width=tokens // 4, heads=HEADS, dim_head=DIM,
+        step=0, total_steps=10, sigma=1.0, layout=ChunkLayout.of(batch, cond_or_uncond),
+        options={PASS_KEY: step_pass},
+    )
+
+
+def qkv(batch, tokens, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, tokens, HEADS * DIM, generator=g) for _ in range(3)]
+
+
+@pytest.mark.parametrize("cond_or_uncond, swap_conds", [
+    ([0], (0,)),  # cfg 1, no swap guidance: one output row, swapped
+    ([0, 1], (0,)),  # swap guidance ([swap, no swap]) or text CFG ([cond, uncond])
+    ([1, 0], (0,)),  # another order of the same chunks
+    ([1], (0,)),  # a memory split call holding only the unswapped chunk
+])
+@pytest.mark.parametrize("images, source_images", [(1, 1), (2, 1), (2, 2)])
+@pytest.mark.parametrize("gamma", [1.0, 1.67])
+def test_technique_swaps_exactly_the_named_conds(cond_or_uncond, swap_conds, images, source_images, gamma):
+    technique = CrossImageAttention([LAYER], gamma)
+    sq, sk, sv = qkv(source_images, 20, seed=1)  # a source image of another size (20 tokens)
+    source = make_call(source_images, [0], CrossImagePass(SOURCE), tokens=20)
+    assert technique.wants(source)
+    assert torch.allclose(technique(sq, sk, sv, source, attend), attend(sq, sk, sv))  # the source attends as usual
+
+    batch = images * len(cond_or_uncond)
+    q, k, v = qkv(batch, 16, seed=2)
+    out = technique(q, k, v, make_call(batch, cond_or_uncond, CrossImagePass(OUTPUT, swap_conds)), attend)
+    for position, value in enumerate(cond_or_uncond):
+        for i in range(images):
+            row = position * images + i
+            if value in swap_conds:
+                src = i if source_images == images else 0
+                expected = paper_contrasted(q[row:row + 1], sk[src:src + 1], sv[src:src + 1], gamma)
+            else:
+                expected = softmax_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], HEADS)
+            assert torch.allclose(out[row:row + 1].double(), expected, atol=1e-5), (position, i)
+
+
+def test_technique_ignores_other_layers_and_calls_without_a_pass():
+    technique = CrossImageAttention([LAYER])
+    call = make_call(1, [0], CrossImagePass(OUTPUT, (0,)))
+    assert technique.wants(call)
+    call.options = {}
+    assert not technique.wants(call)
+    other = make_call(1, [0], CrossImagePass(OUTPUT, (0,)))
+    other.layer = ("output", 3, 0)
+    assert not technique.wants(other)
+
+
+def test_technique_errors():
+    technique = CrossImageAttention([LAYER])
+    q, k, v = qkv(1, 16, seed=3)
+    output = make_call(1, [0], CrossImagePass(OUTPUT, (0,)))
+    with pytest.raises(RuntimeError, match="no source keys"):
+        technique(q, k, v, output, attend)
+    technique(*qkv(3, 16, seed=4), make_call(3, [0], CrossImagePass(SOURCE)), attend)
+    with pytest.raises(ValueError, match="3 source images for 2 output images"):
+        technique(*qkv(2, 16, seed=5), make_call(2, [0], CrossImagePass(OUTPUT, (0,))), attend)
+    with pytest.raises(ValueError, match="masks this self-attention"):
+        technique(q, k, v, output, attend, mask=torch.zeros(16, 16))
+    technique.clear()
+    assert technique.stored == {}
+    with pytest.raises(ValueError, match="contrast"):
+        CrossImageAttention([LAYER], 0.0)

@@ -1,0 +1,155 @@
+"""CrossImageAttention inside real ComfyUI sampling (tiny SD1.5 and SDXL, random weights).
+
+The issue's invariants: with structure == appearance, contrast 1 and swap guidance
+off the transfer is the structure's own replay; otherwise the patch changes the
+output. The call plan checks that the appearance and structure branches are read
+from their inversions, never denoised, and what each step costs in UNet rows.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+STEPS = 12  # skip 0.32 -> 4 skipped, 8 denoising steps
+STRUCTURE_PROMPT, APPEARANCE_PROMPT = "A photo of a cat", "A photo of a dog"
+
+
+@pytest.fixture(scope="module")
+def xi(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.cross_image")
+
+
+@pytest.fixture(scope="module")
+def inv(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.inversion")
+
+
+def user_latent(model, seed, shape=(1, 4, 16, 16)):
+    internal = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return model.model.process_latent_out(internal)
+
+
+def invert(inv, xi, model, clip, prompt, seed, shape=(1, 4, 16, 16), steps=STEPS):
+    positive = xi.encode(clip, prompt)
+    _, inversion = inv.invert(model, user_latent(model, seed, shape), positive, steps=steps, method="ddpm", seed=seed)
+    return inversion
+
+
+@pytest.fixture(scope="module")
+def sd15(tiny, inv, xi):
+    model, clip = tiny.sd15_unet(seed=3), tiny.text_encoder(seed=4)
+    structure = invert(inv, xi, model, clip, STRUCTURE_PROMPT, seed=1)
+    appearance = invert(inv, xi, model, clip, APPEARANCE_PROMPT, seed=2)
+    return model, clip, structure, appearance
+
+
+def test_same_image_without_contrast_or_guidance_is_the_structure_replay(sd15, xi, inv):
+    model, clip, structure, _ = sd15
+    out, run = xi.transfer(model, clip, structure, structure, "cat", "cat", contrast=1.0, swap_guidance=1.0)
+    reference = inv.replay(model, structure, xi.encode(clip, STRUCTURE_PROMPT), start=run.skip, add_final_residual=False)
+    assert run.skip == 4 and run.masks is not None  # the swap and masked AdaIN ran
+    assert (out - reference).abs().max().item() <= 1e-4
+
+
+def test_transfer_changes_the_output_and_reports_its_masks(sd15, xi, inv):
+    model, clip, structure, appearance = sd15
+    out, run = xi.transfer(model, clip, structure, appearance, "cat", "dog")
+    reference = inv.replay(model, structure, xi.encode(clip, STRUCTURE_PROMPT), start=run.skip, add_final_residual=False)
+    assert torch.isfinite(out).all()
+    assert (out - reference).abs().max().item() > 1e-2
+    for branch in ("structure", "appearance"):
+        mask = run.masks[branch]
+        assert mask.shape == (1, 16, 16) and set(mask.unique().tolist()) <= {0.0, 1.0} and mask.any()
+    # each ingredient alone changes the result
+    plain, _ = xi.transfer(model, clip, structure, appearance, "cat", "dog", contrast=1.0, swap_guidance=1.0,
+                           masked_adain=False)
+    assert (plain - reference).abs().max().item() > 1e-3  # the swap itself
+    contrasted, _ = xi.transfer(model, clip, structure, appearance, "cat", "dog", swap_guidance=1.0, masked_adain=False)
+    assert (contrasted - plain).abs().max().item() > 1e-4
+
+
+def test_call_plan_reads_branches_from_their_inversions(sd15, xi):
+    """Per step: plain steps 1 row; swap steps the source image (1 row) + swapped and unswapped output
+    (2 rows); the mask step 2 recording calls. Source latents are the inversions' own."""
+    model, clip, structure, appearance = sd15
+    calls = []
+    watched = model.clone()
+
+    def watch(apply_model, args):
+        calls.append((float(args["timestep"][0]), args["input"].detach().clone()))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    watched.set_model_unet_function_wrapper(watch)
+    _, run = xi.transfer(watched, clip, structure, appearance, "cat", "dog")
+    by_step = {}
+    for sigma, x in calls:
+        by_step.setdefault(run.step_at(sigma), []).append(x)
+    schedule = run.schedule
+    for step in range(schedule.steps):
+        rows = [x.shape[0] for x in by_step[step]]
+        expected = [1]
+        if schedule.swaps(step):
+            expected = [1, 2]
+        if step == schedule.adain_step:
+            expected = [1, 1] + expected
+        assert rows == expected, (step, rows)
+        if schedule.swaps(step):
+            source = run.latent(schedule.source(step), step, "cpu")
+            assert torch.equal(by_step[step][-2].cpu().float(), source)
+    assert {schedule.source(s) for s in range(schedule.steps) if schedule.swaps(s)} == {"structure", "appearance"}
+    # the authors' pipeline: 3 branches x 2 passes = 6 rows at every step
+    assert sum(x.shape[0] for _, x in calls) <= 6 * schedule.steps / 2
+
+
+def test_text_cfg_sdxl_and_an_appearance_of_another_size(tiny, inv, xi):
+    model, clip = tiny.sdxl_unet(seed=3), tiny.text_encoder(seed=4)
+    structure = invert(inv, xi, model, clip, STRUCTURE_PROMPT, seed=1, steps=8)
+    appearance = invert(inv, xi, model, clip, APPEARANCE_PROMPT, seed=2, shape=(1, 4, 12, 20), steps=8)
+    out, run = xi.transfer(model, clip, structure, appearance, "cat", "dog")
+    assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
+    assert run.masks["appearance"].shape == (1, 12, 20)
+    with_cfg, _ = xi.transfer(model, clip, structure, appearance, "cat", "dog", cfg=3.0)
+    assert torch.isfinite(with_cfg).all() and (with_cfg - out).abs().max().item() > 1e-4
+
+
+def test_clear_errors(sd15, tiny, inv, xi):
+    model, clip, structure, appearance = sd15
+    other = invert(inv, xi, model, clip, APPEARANCE_PROMPT, seed=2, steps=10)
+    with pytest.raises(ValueError, match="CrossImageAttention: appearance: inverted over another schedule"):
+        xi.transfer(model, clip, structure, other, "cat", "dog")
+    with pytest.raises(ValueError, match="CrossImageAttention: appearance_object: 'zebra' is not in the prompt"):
+        xi.transfer(model, clip, structure, appearance, "cat", "zebra", prompt="a photo of a cat and a dog")
+    with pytest.raises(ValueError, match="CrossImageAttention: structure_object: name the object"):
+        xi.transfer(model, clip, structure, appearance, " ", "dog")
+    with pytest.raises(ValueError, match="CrossImageAttention: structure: expected an INVERSION"):
+        xi.transfer(model, clip, "not an inversion", appearance, "cat", "dog")
+    with pytest.raises(ValueError, match="swap_start"):
+        xi.transfer(model, clip, structure, appearance, "cat", "dog", swap_start=0.9, swap_end=0.5)
+
+
+def test_controlnet_steers_the_output_branch_only(sd15, xi):
+    """A stand-in ControlNet on `output_conditioning`: it is asked for residuals once per step, for the
+    output rows only (never for the appearance/structure source calls), and changes the output."""
+    import comfy.controlnet
+
+    model, clip, structure, appearance = sd15
+    asked = []
+
+    class Control(comfy.controlnet.ControlBase):
+        def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+            asked.append(x_noisy.shape[0])
+            return {"input": [], "middle": [torch.full((x_noisy.shape[0], 1, 1, 1), 3.0)], "output": []}
+
+        def copy(self):
+            return self
+
+        def inference_memory_requirements(self, dtype):
+            return 0
+
+    plain, run = xi.transfer(model, clip, structure, appearance, "cat", "dog")
+    controlled_cond = [[c, dict(extra, control=Control())] for c, extra in xi.encode(clip, STRUCTURE_PROMPT)]
+    controlled, _ = xi.transfer(model, clip, structure, appearance, "cat", "dog", output_conditioning=controlled_cond)
+    schedule = run.schedule
+    assert asked == [2 if schedule.swaps(step) else 1 for step in range(schedule.steps)]
+    assert (controlled - plain).abs().max().item() > 1e-3
