@@ -23,11 +23,9 @@ mean iterations per guided step (5 = the worst case). The issue's targets:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
-import torch
-from style_aligned import conditioning, load_comfy, run, sdxl_model
+import _common
 
 PROMPT = "a ginger kitten and a gray puppy in a yard"
 SUBJECTS = "ginger kitten\ngray puppy"
@@ -39,52 +37,33 @@ VARIANTS = {  # label: (guidance, refine_masks)
 }
 
 
-def bounded_model(model, clip, size, guidance, refine_masks):
-    from attention_lab.nodes.bounded import _apply
-
-    return _apply(model, clip, prompt=PROMPT, subjects=SUBJECTS, boxes=BOXES, width=size, height=size,
+def bounded_model(bounded, model, clip, size, guidance, refine_masks):
+    return bounded._apply(model, clip, prompt=PROMPT, subjects=SUBJECTS, boxes=BOXES, width=size, height=size,
                   guidance=guidance, guidance_steps=15, iterations_per_step=5, step_size_start=0.0,
                   step_size_end=0.0, loss_threshold=0.2, cross_loss_scale=1.5, self_loss_scale=0.5,
                   mask_eos=True, filter_words=True, refine_masks=refine_masks)
 
 
 def main():
-    cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["full", "narrow"], default="full" if cuda else "narrow",
-                        help="full SDXL UNet, or the narrow SDXL-structured test UNet")
-    parser.add_argument("--size", type=int, default=1024 if cuda else 256, help="image side in pixels")
-    parser.add_argument("--steps", type=int, default=50 if cuda else 20)
-    parser.add_argument("--cfg", type=float, default=7.5)
-    parser.add_argument("--repeats", type=int, default=3 if cuda else 1, help="timed runs per variant (median)")
-    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16" if cuda else "fp32")
-    args = parser.parse_args()
+    args = _common.sdxl_arguments(__doc__.split("\n")[0], steps=(50, 20), cfg=7.5)
+    host = _common.load_host()
+    import torch
 
-    load_comfy(cpu=not cuda)
-    import comfy.model_management
-    from attention_lab.nodes import bounded, tiny_models
-
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    device = comfy.model_management.get_torch_device()
+    tiny, bounded = _common.pack_module(host, "nodes.tiny_models"), _common.pack_module(host, "nodes.bounded")
     full = args.model == "full"
-    model = sdxl_model(dtype, full)
-    clip = tiny_models.text_encoder()  # only its tokenizer is used: the standard CLIP one
+    model = _common.sdxl_model(tiny, _common.torch_dtype(args.dtype), full)
+    clip = tiny.text_encoder()  # only its tokenizer is used: the standard CLIP one
     latent = args.size // 8
     noise = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(1))
-    positive, negative = conditioning(1, full)
-
-    name = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"device: {name}; torch {torch.__version__}; attention: PyTorch SDPA")
-    print(f"config: {'full' if full else 'narrow (test)'} SDXL UNet, random weights, {args.dtype}, "
-          f"{args.size}x{args.size}, batch 1, {args.steps} steps, cfg {args.cfg}, euler; "
-          f"median of {args.repeats} run(s) after one warm-up")
+    positive, negative = _common.sdxl_conditioning(tiny, 1, full)
+    _common.describe_sdxl_run(args, full)
 
     models = {"unpatched": model}
-    models.update({label: bounded_model(model, clip, args.size, *v) for label, v in VARIANTS.items()})
+    models.update({label: bounded_model(bounded, model, clip, args.size, *v) for label, v in VARIANTS.items()})
     results = {}
     for label, m in models.items():
-        run(m, noise, min(args.steps, 2), args.cfg, positive, negative, device)  # warm-up: load, kernels
-        runs = [run(m, noise, args.steps, args.cfg, positive, negative, device) for _ in range(args.repeats)]
+        _common.sample_timed(m, noise, min(args.steps, 2), args.cfg, positive, negative)  # warm-up: load, kernels
+        runs = [_common.sample_timed(m, noise, args.steps, args.cfg, positive, negative) for _ in range(args.repeats)]
         peaks = [r[1] for r in runs if r[1] is not None]
         wrappers = m.get_wrappers("calc_cond_batch", bounded.WRAPPER_KEY) if m is not model else []
         iterations = [len(losses) for _, losses in wrappers[0].losses] if wrappers else []

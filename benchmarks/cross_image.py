@@ -16,7 +16,6 @@ per denoising step. Tiny SD1.5-architecture model (random weights: speed is the 
 from __future__ import annotations
 
 import argparse
-import importlib
 
 import _common
 
@@ -29,27 +28,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
+    host = _common.load_host(args.cpu)
+    import nodes
     import torch
 
-    root, how = _common.headless.find_comfyui()
-    if root is None:
-        raise SystemExit(how)
-    cpu = args.cpu or not torch.cuda.is_available()
-    host = _common.headless.Host(root, cpu=cpu)
-    import nodes
-
-    tiny = host.pack.nodes.tiny_models
-    inversion = importlib.import_module(host.pack.__name__ + ".nodes.inversion")
-    cross_image = importlib.import_module(host.pack.__name__ + ".nodes.cross_image")
+    tiny = _common.pack_module(host, "nodes.tiny_models")
+    inversion = _common.pack_module(host, "nodes.inversion")
+    cross_image = _common.pack_module(host, "nodes.cross_image")
 
     model, clip = tiny.sd15_unet(seed=0), tiny.text_encoder(seed=1)
-    rows = []
-
-    def count_rows(apply_model, call):
-        rows.append(call["input"].shape[0])
-        return apply_model(call["input"], call["timestep"], **call["c"])
-
-    model.set_model_unet_function_wrapper(count_rows)
+    counter = _common.RowCounter()
+    model.set_model_unet_function_wrapper(counter)
     side = args.size // 8
     positive = cross_image.encode(clip, "A photo of a cat")
     structure_latent = {"samples": torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(1))}
@@ -65,14 +54,14 @@ def main():
     def transfer():
         return cross_image.transfer(model, clip, structure, appearance, "cat", "cat")
 
-    rows.clear()
+    counter.clear()
     _, run = transfer()
     denoised_steps = run.schedule.steps
-    transfer_rows = sum(rows) / denoised_steps
+    transfer_rows = sum(counter.rows) / denoised_steps
     base, base_peak = _common.timed(generate, args.repeats)
     moved, moved_peak = _common.timed(transfer, args.repeats)
     mib = lambda b: "n/a (CPU)" if b is None else f"{b / 2**20:.0f}"  # noqa: E731
-    print(f"device: {f'CPU ({torch.get_num_threads()} threads)' if cpu else _common.device_name()}")
+    print(f"device: {_common.device_name(args.cpu)}")
     print(_common.table([{
         "model": "sd15 tiny", "image": f"{args.size}x{args.size}", "steps (denoised)": f"{args.steps} ({denoised_steps})",
         "generation s": f"{base:.3f}", "transfer s": f"{moved:.3f}",

@@ -11,7 +11,6 @@ Tiny SD1.5 model (random weights: the speed is the point), one 512² image (64×
 from __future__ import annotations
 
 import argparse
-import importlib
 
 import _common
 
@@ -22,26 +21,16 @@ def main():
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
 
+    host = _common.load_host(args.cpu)
+    import nodes
     import torch
 
-    root, how = _common.headless.find_comfyui()
-    if root is None:
-        raise SystemExit(how)
-    cpu = args.cpu or not torch.cuda.is_available()
-    host = _common.headless.Host(root, cpu=cpu)
-    import nodes
-
-    tiny = host.pack.nodes.tiny_models
-    inversion = importlib.import_module(host.pack.__name__ + ".nodes.inversion")
+    tiny = _common.pack_module(host, "nodes.tiny_models")
+    inversion = _common.pack_module(host, "nodes.inversion")
 
     model = tiny.sd15_unet(seed=0)
-    calls = []
-
-    def count_calls(apply_model, call):
-        calls.append(call["input"].shape[0])
-        return apply_model(call["input"], call["timestep"], **call["c"])
-
-    model.set_model_unet_function_wrapper(count_calls)
+    counter = _common.RowCounter()
+    model.set_model_unet_function_wrapper(counter)
     positive = [[torch.randn(1, 77, tiny.TEXT_HIDDEN), {}]]
     latent = {"samples": torch.randn(1, 4, 64, 64)}
     steps, scheduler = args.steps, "ddim_uniform"
@@ -54,11 +43,11 @@ def main():
 
     rows = {}
     for name, run in (("KSampler (ddim)", sample), ("DDIMInvert", invert)):
-        calls.clear()
+        counter.clear()
         run()
-        rows[name] = {"calls/step": len(calls) / steps, "seconds": _common.timed(run)[0]}
+        rows[name] = {"calls/step": len(counter.rows) / steps, "seconds": _common.timed(run)[0]}
     base, inv = rows["KSampler (ddim)"]["seconds"], rows["DDIMInvert"]["seconds"]
-    print(f"device: {f'CPU ({torch.get_num_threads()} threads)' if cpu else _common.device_name()}")
+    print(f"device: {_common.device_name(args.cpu)}")
     print(_common.table([{
         "model": "sd15 tiny", "latent": "1x4x64x64", "steps": steps,
         "KSampler s/step": f"{base / steps:.4f}", "DDIMInvert s/step": f"{inv / steps:.4f}",
