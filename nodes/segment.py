@@ -72,6 +72,19 @@ def add_recorder(model, selection: RecordSelection, node: str):
     return patched, recorder
 
 
+def record_selection(max_resolution: int, include_middle: bool, node: str, start: float = 0.0,
+                     end: float = 1.0) -> RecordSelection:
+    """The recorder nodes' widgets as a RecordSelection: the paper's encoder and decoder blocks (and the
+    middle one if asked), layers of at most max_resolution² tokens, steps from start to end."""
+    try:
+        return RecordSelection(
+            blocks=frozenset({"input", "output", "middle"} if include_middle else {"input", "output"}),
+            max_tokens=max_resolution * max_resolution, start=start, end=end,
+        )
+    except ValueError as error:
+        raise _named(node, error) from error
+
+
 def prompt_words(clip, text: str, node: str):
     """(the prompt's words with their token positions, the prompt's token count).
 
@@ -198,13 +211,7 @@ class AttentionRecorderNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, max_resolution, include_middle, start_percent, end_percent) -> io.NodeOutput:
-        try:
-            selection = RecordSelection(
-                blocks=frozenset({"input", "output", "middle"} if include_middle else {"input", "output"}),
-                max_tokens=max_resolution * max_resolution, start=start_percent, end=end_percent,
-            )
-        except ValueError as error:
-            raise _named("AttentionRecorder", error) from error
+        selection = record_selection(max_resolution, include_middle, "AttentionRecorder", start_percent, end_percent)
         patched, recorder = add_recorder(model, selection, node="AttentionRecorder")
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_KEY, RecordingRun(recorder))
         return io.NodeOutput(patched, recorder)
@@ -244,10 +251,7 @@ class RecordAttentionPass(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent, strength, seed, max_resolution, include_middle) -> io.NodeOutput:
-        selection = RecordSelection(
-            blocks=frozenset({"input", "output", "middle"} if include_middle else {"input", "output"}),
-            max_tokens=max_resolution * max_resolution,
-        )
+        selection = record_selection(max_resolution, include_middle, "RecordAttentionPass")
         patched, recorder = add_recorder(model, selection, node="RecordAttentionPass")
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         sigma = float(model.get_model_object("model_sampling").percent_to_sigma(1.0 - strength))
