@@ -3,15 +3,19 @@
     python demo/train.py                      # the full run (CPU, about 2 hours on 2 cores)
     python demo/train.py --device cuda        # the same run on a GPU
     python demo/train.py --smoke --out /tmp/demo_smoke.safetensors   # end to end in a minute or two
+    python demo/train.py --resume demo/weights/demo_model.safetensors --unet-iters 1300
+                                              # train on from a file this script wrote (see --resume)
 
 Three models, built from ComfyUI's own classes through nodes/tiny_models.py so
 the trained weights load into exactly the modules that sample them:
 1. the VAE (TAESD architecture) as an autoencoder on random crops of scenes;
-   its vae_scale/vae_shift are then set so the latents the UNet sees (after
-   SD1.5's latent factor 0.18215) have zero mean and unit variance;
+   then the latents the UNet sees (after SD1.5's latent factor 0.18215) are
+   made zero-mean and unit-variance per channel (`normalise_latents`), and
+   the decoder alone trains on to absorb that change;
 2. the text encoder (ComfyUI's CLIP text model behind the standard CLIP
    tokenizer) and the UNet (SD1.5 architecture) jointly on the ε-prediction
-   loss in ComfyUI's own noise schedule, on latents of a fixed set of scenes;
+   loss in ComfyUI's own noise schedule, on latents of a fixed set of scenes,
+   each timestep's loss weighted by 1 + σ² (see `diffusion_loss_weights`);
    captions drop their background clause (so "a red circle" alone is in
    distribution) or are emptied (for classifier-free guidance) at fixed rates;
 3. evaluation: VAE reconstruction PSNR on held-out scenes, through
@@ -21,12 +25,19 @@ The weights (EMA for UNet and text encoder) go to one safetensors file, float16,
 keys prefixed `unet.`, `clip.`, `vae.`; its metadata records the command,
 seed, configs and metrics, and a JSON file beside it repeats them.
 
+With --resume, all three start from a file this script wrote: the VAE's
+encoder is not trained again (only re-normalised per channel, a no-op on a
+file that already is), its decoder trains on for --vae-adapt-iters, then the
+UNet and text encoder train on; the file's provenance (hash, command, seed,
+metrics and its own provenance) goes into the new metadata under "resumed_from".
+
 Training scenes use world seeds below 2**32; held-out scenes use 2**32 and up.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
@@ -53,6 +64,7 @@ class Budget:
     vae_batch: int = 8
     vae_crop: int = 64  # the VAE is convolutional: crops train it at a quarter of the cost
     vae_lr: float = 3e-4
+    vae_adapt_iters: int = 300  # the decoder alone, after normalise_latents changed its input
     scenes: int = 3000  # fixed training set for the UNet, encoded once
     unet_iters: int = 3000
     unet_batch: int = 32
@@ -67,7 +79,7 @@ class Budget:
     cfg: float = 5.0
 
 
-SMOKE = Budget(vae_iters=3, vae_batch=2, scenes=8, unet_iters=3, unet_batch=4, warmup=1, ema=0.5,
+SMOKE = Budget(vae_iters=3, vae_adapt_iters=2, vae_batch=2, scenes=8, unet_iters=3, unet_batch=4, warmup=1, ema=0.5,
                eval_scenes=2, eval_prompts=2, sample_steps=2)
 
 
@@ -143,43 +155,77 @@ class Progress:
         return (time.perf_counter() - self.start) / max(1, len(self.losses))
 
 
-def train_vae(world, tiny, budget: Budget, seed: int, device):
-    """TAESD as an autoencoder on [0, 1] images, MSE loss, on random crops."""
+def train_vae(world, tiny, budget: Budget, seed: int, device, taesd=None):
+    """TAESD as an autoencoder on [0, 1] images, MSE loss, on random crops.
+
+    Given a trained `taesd`, only its decoder trains: the encoder defines the
+    latent space a trained UNet works in, and must not move under it."""
     import comfy.taesd.taesd
     import torch
 
-    taesd = comfy.taesd.taesd.TAESD()
-    tiny.seeded_init(taesd, seed)
+    decoder_only = taesd is not None
+    if taesd is None:
+        taesd = comfy.taesd.taesd.TAESD()
+        tiny.seeded_init(taesd, seed)
     taesd.to(device).train()
-    coders = list(taesd.taesd_encoder.parameters()) + list(taesd.taesd_decoder.parameters())
+    taesd.taesd_decoder.requires_grad_(True)
+    taesd.taesd_encoder.requires_grad_(not decoder_only)
+    coders = list(taesd.taesd_decoder.parameters())
+    if not decoder_only:
+        coders += list(taesd.taesd_encoder.parameters())
     optimizer = torch.optim.Adam(coders, lr=budget.vae_lr)
-    crop_rng = np.random.default_rng([seed, 1])
-    progress = Progress("vae", budget.vae_iters, budget.vae_iters // 40)
-    for step in range(budget.vae_iters):
-        images, _ = render_batch(world, [world_seed(seed, 1, step, i) for i in range(budget.vae_batch)], budget.size)
+    iters = budget.vae_adapt_iters if decoder_only else budget.vae_iters
+    stream = 4 if decoder_only else 1  # the decoder's own scenes and crops
+    crop_rng = np.random.default_rng([seed, stream])
+    progress = Progress("vae decoder" if decoder_only else "vae", iters, iters // 40)
+    for step in range(iters):
+        images, _ = render_batch(world, [world_seed(seed, stream, step, i) for i in range(budget.vae_batch)], budget.size)
         y, x = crop_rng.integers(0, budget.size - budget.vae_crop + 1, size=2)
         images = images[:, :, y:y + budget.vae_crop, x:x + budget.vae_crop].to(device)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, budget.vae_iters, budget.warmup, budget.vae_lr)
-        loss = torch.nn.functional.mse_loss(taesd.taesd_decoder(taesd.taesd_encoder(images)), images)
+            group["lr"] = lr_at(step, iters, budget.warmup, budget.vae_lr)
+        with torch.set_grad_enabled(not decoder_only):
+            latents = taesd.taesd_encoder(images)
+        loss = torch.nn.functional.mse_loss(taesd.taesd_decoder(latents), images)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(coders, 1.0)  # no normalisation layers: keep early steps bounded
         optimizer.step()
         progress.log(step, loss.item())
-    taesd.eval()
+    taesd.eval().requires_grad_(False)
     return taesd, progress.seconds_per_iter
 
 
-def normalise_latents(taesd, images) -> None:
-    """Set vae_scale/vae_shift so that 0.18215 * (enc / scale + shift) has mean 0 and std 1."""
+def normalise_latents(taesd, images) -> dict:
+    """Make the encoder's latents zero-mean and unit-variance per channel, with vae_scale and
+    vae_shift set so the UNet sees them unchanged (SD1.5's latent factor cancelled).
+
+    SD's noise schedule assumes every latent channel spreads about as far as unit noise. One
+    normalisation over all channels left each channel at std 0.2-0.4 around means up to ±1.3: at
+    a sampler's first step (σ 14.6) ε̂ then had to be ten times more precise than the UNet learned
+    it, and generated latents came out with 2-3× the data's spread per channel, decoding to noise.
+    TAESD's scale and shift are scalars, so the per-channel affine map is folded into the encoder's
+    last convolution and, inverted, into the decoder's first. That is exact but for the decoder's
+    soft clamp and zero padding in front of it, which the decoder training after this absorbs.
+    Returns the per-channel statistics it removed."""
     import torch
 
     with torch.no_grad():
         raw = torch.cat([taesd.taesd_encoder(chunk) for chunk in images.split(16)])
-        mean, std = raw.mean().item(), raw.std().item()
-        taesd.vae_scale.fill_(SD15_LATENT_FACTOR * std)
-        taesd.vae_shift.fill_(-mean / (SD15_LATENT_FACTOR * std))
+        mean, std = raw.mean((0, 2, 3)), raw.std((0, 2, 3))
+        last, first = taesd.taesd_encoder[-1], taesd.taesd_decoder[1]  # decoder[0] is its clamp
+        last.weight.div_(std.view(-1, 1, 1, 1))
+        last.bias.sub_(mean).div_(std)
+        first.bias.add_((first.weight * mean.view(1, -1, 1, 1)).sum((1, 2, 3)))
+        first.weight.mul_(std.view(1, -1, 1, 1))
+        taesd.vae_scale.fill_(SD15_LATENT_FACTOR)
+        taesd.vae_shift.fill_(0.0)
+    return {"mean": [round(v, 4) for v in mean.tolist()], "std": [round(v, 4) for v in std.tolist()]}
+
+
+def fold_scenes(world, budget: Budget, seed: int):
+    """The images normalise_latents measures: the UNet's first 64 training scenes."""
+    return render_batch(world, [world_seed(seed, 2, i) for i in range(64)], budget.size)[0]
 
 
 def encode_scenes(world, taesd, model, budget: Budget, seed: int, device):
@@ -191,8 +237,6 @@ def encode_scenes(world, taesd, model, budget: Budget, seed: int, device):
     with torch.no_grad():
         for start in range(0, len(seeds), 64):
             images, rendered = render_batch(world, seeds[start:start + 64], budget.size)
-            if start == 0:
-                normalise_latents(taesd, images.to(device))
             # TAESD.encode takes [-1, 1] images, as comfy.sd.VAE hands them over
             latents.append(model.latent_format.process_in(taesd.encode(images.to(device) * 2 - 1)).cpu())
             scenes += [r.scene for r in rendered]
@@ -210,7 +254,21 @@ def token_ids(clip, text: str) -> list[int]:
     return [token for token, _weight in clip.tokenize(text)["l"][0]]
 
 
-def train_diffusion(world, clip, unet_patcher, latents, scenes, budget: Budget, seed: int, device):
+def diffusion_loss_weights(sigmas):
+    """Per-timestep weights of the ε-loss: 1 + σ², normalised to mean 1 over the schedule.
+
+    A sampler's first steps turn ε̂ into x̂0 = (x - σ ε̂), so an ε error there is
+    multiplied by σ (14.6 at SD's first step): with the plain ε-loss, whose
+    high-noise terms are tiny, a small UNet commits at step one to an x̂0 wilder
+    than any scene (its x̂0 error exceeded the data's variance) and never recovers.
+    ε-loss × (1 + σ²) is the v-prediction loss, which weighs those steps by what
+    they cost the sample, while the model stays ε-prediction."""
+    weights = 1 + sigmas**2
+    return weights / weights.mean()
+
+
+def train_diffusion(world, clip, unet_patcher, latents, scenes, budget: Budget, seed: int, device,
+                    fresh: bool = True):
     """ε-prediction on ComfyUI's discrete schedule; text encoder and UNet trained jointly."""
     import torch
 
@@ -218,13 +276,15 @@ def train_diffusion(world, clip, unet_patcher, latents, scenes, budget: Budget, 
     unet = model.diffusion_model.to(device).train()
     text = clip.cond_stage_model.to(device).train()
     clip.cond_stage_model.reset_clip_options()
-    with torch.no_grad():
-        unet.out[-1].weight.zero_()  # start from "predict zero noise": a stable first step
-        unet.out[-1].bias.zero_()
+    if fresh:
+        with torch.no_grad():
+            unet.out[-1].weight.zero_()  # start from "predict zero noise": a stable first step
+            unet.out[-1].bias.zero_()
     params = list(unet.parameters()) + list(text.parameters())
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=budget.unet_lr, weight_decay=0.0)
     sigmas = model.model_sampling.sigmas.to(device)
+    loss_weights = diffusion_loss_weights(sigmas)
     rng = np.random.default_rng([seed, 3])
     generator = torch.Generator().manual_seed(seed)
     progress = Progress("unet", budget.unet_iters, budget.unet_iters // 60)
@@ -239,7 +299,7 @@ def train_diffusion(world, clip, unet_patcher, latents, scenes, budget: Budget, 
         x_in = (x0 + sigma * noise) / torch.sqrt(sigma**2 + 1)
         context = text.clip_l.encode([token_ids(clip, c) for c in captions])[0]
         predicted = unet(x_in, timesteps=t.float(), context=context)
-        loss = torch.nn.functional.mse_loss(predicted, noise)
+        loss = (loss_weights[t].view(-1, 1, 1, 1) * (predicted - noise) ** 2).mean()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, budget.unet_iters, budget.warmup, budget.unet_lr)
         optimizer.zero_grad(set_to_none=True)
@@ -335,6 +395,24 @@ def save(path: Path, taesd, clip, unet_patcher, token_rows: list[int], metadata:
     return path.stat().st_size
 
 
+def provenance(path: Path) -> dict:
+    """What a resumed run started from: the file's hash, and the command, seed, metrics and
+    own provenance its metadata records (so the chain back to random weights is kept)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise SystemExit(f"--resume: no such file {path}")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if "command" not in metadata:
+        raise SystemExit(f"--resume: {path} was not written by demo/train.py (its metadata has no command)")
+    record = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    for key in ("command", "seed", "git_commit", "metrics", "resumed_from"):
+        if key in metadata:
+            record[key] = metadata[key] if key in ("command", "seed", "git_commit") else json.loads(metadata[key])
+    return record
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -350,6 +428,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="tiny iteration counts: checks the pipeline end to end")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the safetensors file to write")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for torch")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="a file this script wrote: train on from it (the VAE's decoder only, then the UNet "
+                             "and text encoder) instead of from random weights; --vae-iters is then unused")
     for name, default in asdict(Budget()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=None,
                             help=f"override the budget's {name} (full run: {default})")
@@ -374,13 +455,23 @@ def main(argv: list[str] | None = None) -> dict:
     tiny = load_by_path("attention_lab_tiny_models", REPO / "nodes" / "tiny_models.py")
     print(f"ComfyUI host: {how}; device {args.device}, {args.threads} threads; budget {asdict(budget)}", flush=True)
 
-    taesd, vae_s_per_it = train_vae(world, tiny, budget, args.seed, device)
-    unet_patcher = tiny.sd15_unet(seed=args.seed + 1)
+    if args.resume is None:
+        resumed_from, taesd, unet_patcher, clip = None, None, tiny.sd15_unet(seed=args.seed + 1), None
+    else:
+        resumed_from = provenance(args.resume)
+        unet_patcher, clip, trained_vae = tiny.load_demo_model(args.resume)
+        taesd = trained_vae.first_stage_model.float()
+    if taesd is None:
+        taesd, vae_s_per_it = train_vae(world, tiny, budget, args.seed, device)
+    latent_statistics = normalise_latents(taesd.to(device), fold_scenes(world, budget, args.seed).to(device))
+    print(f"[vae] per-channel latent statistics folded into the VAE: {latent_statistics}", flush=True)
+    taesd, decoder_s_per_it = train_vae(world, tiny, budget, args.seed, device, taesd=taesd)
     latents, scenes = encode_scenes(world, taesd, unet_patcher.model, budget, args.seed, device)
     print(f"[data] {len(scenes)} scenes encoded: latent mean {latents.mean():.3f} std {latents.std():.3f}", flush=True)
     taesd.cpu()
-    clip = tiny.text_encoder(seed=args.seed + 2)
-    unet_s_per_it = train_diffusion(world, clip, unet_patcher, latents, scenes, budget, args.seed, device)
+    clip = clip or tiny.text_encoder(seed=args.seed + 2)
+    unet_s_per_it = train_diffusion(world, clip, unet_patcher, latents, scenes, budget, args.seed, device,
+                                    fresh=args.resume is None)
 
     vae = comfy.sd.VAE(sd=taesd.state_dict())
     with torch.no_grad():
@@ -388,13 +479,17 @@ def main(argv: list[str] | None = None) -> dict:
             "vae_psnr_db": round(vae_psnr(world, vae, budget), 2),
             "single_object": single_object_fidelity(world, detect, clip, unet_patcher, vae, budget, args.seed),
         }
-    metrics["seconds"] = {"vae_per_iter": round(vae_s_per_it, 3), "unet_per_iter": round(unet_s_per_it, 3),
+    metrics["seconds"] = {"vae_per_iter": round(vae_s_per_it, 3) if args.resume is None else None,
+                          "decoder_per_iter": round(decoder_s_per_it, 3), "unet_per_iter": round(unet_s_per_it, 3),
                           "total": round(time.perf_counter() - started, 1)}
     metadata = {
         "command": command, "seed": str(args.seed), "device": args.device, "budget": asdict(budget),
+        "latent_statistics_folded": latent_statistics,
         "unet_config": tiny.SD15_UNET, "text_config": tiny.TEXT_CONFIG, "metrics": metrics,
         "git_commit": git_commit(), "torch": torch.__version__, "vocabulary": world.vocabulary(),
     }
+    if resumed_from is not None:
+        metadata["resumed_from"] = resumed_from
     size = save(args.out, taesd, clip, unet_patcher, vocabulary_token_ids(clip, world), metadata)
     print(f"saved {args.out} ({size / 2**20:.1f} MiB) and {args.out.with_suffix('.json').name}")
     print("metrics: " + json.dumps(metrics))

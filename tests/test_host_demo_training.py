@@ -1,0 +1,80 @@
+"""demo/train.py: the latent normalisation, the loss weights, and a whole (smoke-sized) run
+that writes a file DemoModelLoader reads, then a --resume run that records where it started."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from attention_lab.demo import train
+
+REPO = train.REPO
+
+
+def test_normalise_latents_standardises_each_channel_and_keeps_the_decoding(host, tiny):
+    import comfy.taesd.taesd
+
+    taesd = comfy.taesd.taesd.TAESD()
+    tiny.seeded_init(taesd, 0)
+    with torch.no_grad():
+        # Channels of very different offsets and spreads, as a trained encoder gives them.
+        taesd.taesd_encoder[-1].weight.mul_(torch.tensor([0.02, 0.05, 0.01, 0.03]).view(-1, 1, 1, 1))
+        taesd.taesd_encoder[-1].bias.copy_(torch.tensor([-0.8, 0.5, -0.3, 0.7]))
+        images = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        raw = taesd.taesd_encoder(images)
+        # What the decoder's first convolution makes of the latents (its soft clamp aside)
+        first_layer = lambda latents: taesd.taesd_decoder[1]((latents - taesd.vae_shift) * taesd.vae_scale)  # noqa: E731
+        before = first_layer(taesd.encode(images * 2 - 1))
+        statistics = train.normalise_latents(taesd, images)
+        latents = taesd.encode(images * 2 - 1) * train.SD15_LATENT_FACTOR  # as the UNet sees them
+        after = first_layer(taesd.encode(images * 2 - 1))
+    assert statistics["mean"] == pytest.approx(raw.mean((0, 2, 3)).tolist(), abs=1e-3)
+    assert torch.allclose(latents.mean((0, 2, 3)), torch.zeros(4), atol=1e-4)
+    assert torch.allclose(latents.std((0, 2, 3)), torch.ones(4), atol=1e-4)
+    # The fold is exact up to the decoder's soft clamp in front of that convolution (which the
+    # decoder training after it absorbs) and the convolution's zero padding at the border.
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+    assert torch.allclose(after[inner], before[inner], atol=1e-5 * before.abs().max().item())
+    assert not torch.allclose(after, before, atol=1e-5 * before.abs().max().item())  # the border differs
+
+
+def test_loss_weights_are_one_plus_sigma_squared_with_mean_one():
+    sigmas = torch.tensor([0.03, 0.5, 1.0, 14.6])
+    weights = train.diffusion_loss_weights(sigmas)
+    assert weights.mean() == pytest.approx(1.0)
+    assert torch.allclose(weights / weights[0], (1 + sigmas**2) / (1 + sigmas[0] ** 2))
+
+
+def _run(*args):
+    done = subprocess.run([sys.executable, str(REPO / "demo" / "train.py"), "--smoke", "--threads", "1", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def test_a_smoke_run_writes_a_loadable_file_and_resume_records_its_origin(host, tmp_path):
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    out = _run("--out", str(first))
+    assert "[vae decoder]" in out and "metrics:" in out
+    meta = json.loads(first.with_suffix(".json").read_text())
+    assert meta["command"] == f"python demo/train.py --smoke --threads 1 --out {first}"
+    assert set(meta["latent_statistics_folded"]) == {"mean", "std"}
+    model, clip, vae = host.pack.nodes.tiny_models.load_demo_model(first)
+    assert vae.first_stage_model.vae_scale.item() == pytest.approx(train.SD15_LATENT_FACTOR, rel=1e-3)  # stored as float16
+
+    _run("--seed", "1", "--resume", str(first), "--out", str(second))
+    with safe_open(str(second), framework="pt") as handle:
+        resumed_from = json.loads(handle.metadata()["resumed_from"])
+    assert resumed_from["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    assert resumed_from["command"] == meta["command"] and resumed_from["seed"] == "0"
+    assert "resumed_from" not in resumed_from  # the first file started from random weights
+
+
+def test_resume_names_a_file_it_cannot_use(host, tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "demo" / "train.py"), "--smoke", "--resume",
+                           str(tmp_path / "missing.safetensors")], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode != 0 and "--resume: no such file" in done.stderr
