@@ -71,19 +71,23 @@ def test_missing_weights_name_the_file_and_the_command(demo, tmp_path):
         demo.load_demo_model(tmp_path / "model.ckpt")
 
 
-# The committed weights (demo/train.py's default budget, trained 2026-11-28) miss issue 3's targets:
-# single-object fidelity 4% and VAE PSNR 24 dB (demo_model.json). Strict: once retrained weights
-# draw the prompted objects this xfail fails, and the marker must go.
-@pytest.mark.xfail(strict=True, reason="the committed demo weights miss issue 3's fidelity target (4%, see demo_model.json)")
-@pytest.mark.parametrize("text,color,shape", PROMPTS, ids=[p[0].replace(" ", "_") for p in PROMPTS])
-def test_txt2img_draws_the_prompted_object(host, text, color, shape):
-    start = time.perf_counter()
-    outputs = host.run(txt2img_prompt(text, seed=1, batch=2))
-    seconds = time.perf_counter() - start
-    assert len(outputs["7"]["images"]) == 2
-    images = host.node_output("6")[0][0]
-    assert images.shape == (2, 128, 128, 3)
-    for image in images.numpy():
-        found = [(o.color, o.shape) for o in detect.detect_objects(image)]
-        assert (color, shape) in found, f"{text!r}: detected {found}"
-    assert seconds < 30, f"the graph took {seconds:.1f} s"
+# The committed weights (trained 2026-11-28, demo_model.json) miss issue 3's targets: single-object
+# fidelity 9% (colour 46%, shape 17%) and VAE PSNR 25 dB. They draw the world's scenes and mostly
+# the prompted colour, but blobs for shapes. One test over both prompts, strict: once retrained
+# weights draw every prompted object it passes, the xfail fails, and the marker must go.
+@pytest.mark.xfail(strict=True, reason="the committed demo weights miss issue 3's fidelity target (9%, see demo_model.json)")
+def test_txt2img_draws_the_prompted_object(host):
+    missed = []
+    for text, color, shape in PROMPTS:
+        start = time.perf_counter()
+        outputs = host.run(txt2img_prompt(text, seed=1, batch=2))
+        seconds = time.perf_counter() - start
+        assert len(outputs["7"]["images"]) == 2
+        images = host.node_output("6")[0][0]
+        assert images.shape == (2, 128, 128, 3)
+        assert seconds < 30, f"the graph took {seconds:.1f} s"
+        for image in images.numpy():
+            found = [(o.color, o.shape) for o in detect.detect_objects(image)]
+            if (color, shape) not in found:
+                missed.append(f"{text!r}: detected {found}")
+    assert not missed, "; ".join(missed)
