@@ -42,11 +42,14 @@ def test_normalise_latents_standardises_each_channel_and_keeps_the_decoding(host
     assert not torch.allclose(after, before, atol=1e-5 * before.abs().max().item())  # the border differs
 
 
-def test_loss_weights_are_one_plus_sigma_squared_with_mean_one():
-    sigmas = torch.tensor([0.03, 0.5, 1.0, 14.6])
-    weights = train.diffusion_loss_weights(sigmas)
+def test_loss_weights_are_one_plus_sigma_squared_capped_with_mean_one():
+    sigmas = torch.tensor([0.03, 0.5, 1.0, 3.0, 14.6])
+    weights = train.diffusion_loss_weights(sigmas, cap=5.0)
     assert weights.mean() == pytest.approx(1.0)
-    assert torch.allclose(weights / weights[0], (1 + sigmas**2) / (1 + sigmas[0] ** 2))
+    expected = torch.tensor([1 + 0.03**2, 1.25, 2.0, 5.0, 5.0])
+    assert torch.allclose(weights / weights[0], expected / expected[0])
+    uncapped = train.diffusion_loss_weights(sigmas, cap=float("inf"))
+    assert torch.allclose(uncapped / uncapped[0], (1 + sigmas**2) / (1 + sigmas[0] ** 2))
 
 
 def _run(*args):
