@@ -26,8 +26,10 @@ keys prefixed `unet.`, `clip.`, `vae.`; its metadata records the command,
 seed, configs and metrics, and a JSON file beside it repeats them.
 
 With --resume, all three start from a file this script wrote: the VAE's
-encoder is not trained again (only re-normalised per channel, a no-op on a
-file that already is), its decoder trains on for --vae-adapt-iters, then the
+encoder is not trained again (only re-normalised per channel on this run's 64
+fold scenes: on a file that already is, that moves channel means by up to a
+third of their spread, which the decoder adaptation and the UNet training
+absorb), its decoder trains on for --vae-adapt-iters, then the
 UNet and text encoder train on; the file's provenance (hash, command, seed,
 metrics and its own provenance) goes into the new metadata under "resumed_from".
 
