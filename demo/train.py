@@ -26,10 +26,10 @@ keys prefixed `unet.`, `clip.`, `vae.`; its metadata records the command,
 seed, configs and metrics, and a JSON file beside it repeats them.
 
 With --resume, all three start from a file this script wrote: the VAE's
-encoder is not trained again (only re-normalised per channel on this run's 64
-fold scenes: on a file that already is, that moves channel means by up to a
-third of their spread, which the decoder adaptation and the UNet training
-absorb), its decoder trains on for --vae-adapt-iters, then the
+encoder is not trained again (a file written before the per-channel fold is
+normalised now; one that records its fold keeps it, since re-measuring on 64
+other scenes would move channel means by up to a third of their spread under a
+trained UNet), its decoder trains on for --vae-adapt-iters, then the
 UNet and text encoder train on; the file's provenance (hash, command, seed,
 metrics and its own provenance) goes into the new metadata under "resumed_from".
 
@@ -413,7 +413,7 @@ def provenance(path: Path) -> dict:
     if "command" not in metadata:
         raise SystemExit(f"--resume: {path} was not written by demo/train.py (its metadata has no command)")
     record = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-    for key in ("command", "seed", "git_commit", "metrics", "resumed_from"):
+    for key in ("command", "seed", "git_commit", "metrics", "resumed_from", "latent_statistics_folded"):
         if key in metadata:
             record[key] = metadata[key] if key in ("command", "seed", "git_commit") else json.loads(metadata[key])
     return record
@@ -469,8 +469,13 @@ def main(argv: list[str] | None = None) -> dict:
         taesd = trained_vae.first_stage_model.float()
     if taesd is None:
         taesd, vae_s_per_it = train_vae(world, tiny, budget, args.seed, device)
-    latent_statistics = normalise_latents(taesd.to(device), fold_scenes(world, budget, args.seed).to(device))
-    print(f"[vae] per-channel latent statistics folded into the VAE: {latent_statistics}", flush=True)
+    if resumed_from is not None and "latent_statistics_folded" in resumed_from:
+        latent_statistics = resumed_from["latent_statistics_folded"]
+        print(f"[vae] the resumed VAE's latents are already normalised per channel (folded: {latent_statistics})",
+              flush=True)
+    else:
+        latent_statistics = normalise_latents(taesd.to(device), fold_scenes(world, budget, args.seed).to(device))
+        print(f"[vae] per-channel latent statistics folded into the VAE: {latent_statistics}", flush=True)
     taesd, decoder_s_per_it = train_vae(world, tiny, budget, args.seed, device, taesd=taesd)
     latents, scenes = encode_scenes(world, taesd, unet_patcher.model, budget, args.seed, device)
     print(f"[data] {len(scenes)} scenes encoded: latent mean {latents.mean():.3f} std {latents.std():.3f}", flush=True)

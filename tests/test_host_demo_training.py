@@ -75,6 +75,11 @@ def test_a_smoke_run_writes_a_loadable_file_and_resume_records_its_origin(host, 
     assert resumed_from["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
     assert resumed_from["command"] == meta["command"] and resumed_from["seed"] == "0"
     assert "resumed_from" not in resumed_from  # the first file started from random weights
+    # The first file's fold is kept: the encoder, which defines the UNet's latent space, is unchanged.
+    with safe_open(str(first), framework="pt") as a, safe_open(str(second), framework="pt") as b:
+        encoder = [k for k in a.keys() if k.startswith("vae.taesd_encoder.")]
+        assert encoder and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in encoder)
+    assert json.loads(second.with_suffix(".json").read_text())["latent_statistics_folded"] == meta["latent_statistics_folded"]
 
 
 def test_resume_names_a_file_it_cannot_use(host, tmp_path):
