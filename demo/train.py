@@ -462,13 +462,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"ComfyUI host: {how}; device {args.device}, {args.threads} threads; budget {asdict(budget)}", flush=True)
 
     if args.resume is None:
-        resumed_from, taesd, unet_patcher, clip = None, None, tiny.sd15_unet(seed=args.seed + 1), None
+        resumed_from, unet_patcher, clip = None, tiny.sd15_unet(seed=args.seed + 1), None
+        taesd, vae_s_per_it = train_vae(world, tiny, budget, args.seed, device)
     else:
-        resumed_from = provenance(args.resume)
+        resumed_from, vae_s_per_it = provenance(args.resume), None
         unet_patcher, clip, trained_vae = tiny.load_demo_model(args.resume)
         taesd = trained_vae.first_stage_model.float()
-    if taesd is None:
-        taesd, vae_s_per_it = train_vae(world, tiny, budget, args.seed, device)
     if resumed_from is not None and "latent_statistics_folded" in resumed_from:
         latent_statistics = resumed_from["latent_statistics_folded"]
         print(f"[vae] the resumed VAE's latents are already normalised per channel (folded: {latent_statistics})",
@@ -490,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
             "vae_psnr_db": round(vae_psnr(world, vae, budget), 2),
             "single_object": single_object_fidelity(world, detect, clip, unet_patcher, vae, budget, args.seed),
         }
-    metrics["seconds"] = {"vae_per_iter": round(vae_s_per_it, 3) if args.resume is None else None,
+    metrics["seconds"] = {"vae_per_iter": None if vae_s_per_it is None else round(vae_s_per_it, 3),
                           "decoder_per_iter": round(decoder_s_per_it, 3), "unet_per_iter": round(unet_s_per_it, 3),
                           "total": round(time.perf_counter() - started, 1)}
     metadata = {
