@@ -420,9 +420,13 @@ def provenance(path: Path) -> dict:
 
 
 def git_commit() -> str:
+    """HEAD, with "+dirty" when tracked files differ from it: read when the run starts, since
+    the code that trains is the code loaded then, whatever is committed while it runs."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -447,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--size must be a multiple of 8 between 64 and 256, got {budget.size}")
     command = "python demo/train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
 
-    started = time.perf_counter()
+    started, commit = time.perf_counter(), git_commit()
     how = load_comfy(args.device)
     import comfy.sd
     import torch
@@ -496,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command, "seed": str(args.seed), "device": args.device, "budget": asdict(budget),
         "latent_statistics_folded": latent_statistics,
         "unet_config": tiny.SD15_UNET, "text_config": tiny.TEXT_CONFIG, "metrics": metrics,
-        "git_commit": git_commit(), "torch": torch.__version__, "vocabulary": world.vocabulary(),
+        "git_commit": commit, "torch": torch.__version__, "vocabulary": world.vocabulary(),
     }
     if resumed_from is not None:
         metadata["resumed_from"] = resumed_from

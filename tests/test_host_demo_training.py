@@ -86,3 +86,21 @@ def test_resume_names_a_file_it_cannot_use(host, tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "demo" / "train.py"), "--smoke", "--resume",
                            str(tmp_path / "missing.safetensors")], capture_output=True, text=True, cwd=REPO)
     assert done.returncode != 0 and "--resume: no such file" in done.stderr
+
+
+def test_git_commit_names_head_and_marks_uncommitted_changes(tmp_path, monkeypatch):
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "train.py").write_text("print(1)\n")
+    git("add", "train.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    monkeypatch.setattr(train, "REPO", tmp_path)
+    head = git("rev-parse", "HEAD")
+    (tmp_path / "notes.txt").write_text("untracked files do not train anything\n")
+    assert train.git_commit() == head
+    (tmp_path / "train.py").write_text("print(2)\n")
+    assert train.git_commit() == head + "+dirty"
+    monkeypatch.setattr(train, "REPO", tmp_path / "not-a-repo")
+    assert train.git_commit() == "unknown"
