@@ -75,7 +75,7 @@ def test_missing_weights_name_the_file_and_the_command(demo, tmp_path):
 # fidelity 9% (colour 46%, shape 17%) and VAE PSNR 25 dB. They draw the world's scenes and mostly
 # the prompted colour, but blobs for shapes. One test over both prompts, strict: once retrained
 # weights draw every prompted object it passes, the xfail fails, and the marker must go.
-@pytest.mark.xfail(strict=True, reason="the committed demo weights miss issue 3's fidelity target (33%, see demo_model.json)")
+@pytest.mark.xfail(strict=True, reason="the committed demo weights miss issue 3's fidelity target (46%, see demo_model.json)")
 def test_txt2img_draws_the_prompted_object(host):
     missed = []
     for text, color, shape in PROMPTS:
