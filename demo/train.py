@@ -1,6 +1,6 @@
 """Train the pack's demo model on the demo world, reproducibly, with one command.
 
-    python demo/train.py                      # the full run (CPU, about 2.5 hours on 2 cores)
+    python demo/train.py                      # the full run (CPU, 2 cores: 1.5-2.5 hours, estimated)
     python demo/train.py --device cuda        # the same run on a GPU
     python demo/train.py --smoke --out /tmp/demo_smoke.safetensors   # end to end in a minute or two
     python demo/train.py --resume demo/weights/demo_model.safetensors --unet-iters 1300
