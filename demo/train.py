@@ -1,6 +1,6 @@
 """Train the pack's demo model on the demo world, reproducibly, with one command.
 
-    python demo/train.py                      # the full run (CPU, 2 cores: 1.5-2.5 hours, estimated)
+    python demo/train.py                      # the full run (CPU, 2 cores: 45 minutes to 2.75 hours, estimated)
     python demo/train.py --device cuda        # the same run on a GPU
     python demo/train.py --smoke --out /tmp/demo_smoke.safetensors   # end to end in a minute or two
     python demo/train.py --resume demo/weights/demo_model.safetensors --unet-iters 1300
@@ -154,8 +154,9 @@ class Progress:
                   f"eta {per_iter * (self.total - step - 1) / 60:.1f} min", flush=True)
 
     @property
-    def seconds_per_iter(self) -> float:
-        return (time.perf_counter() - self.start) / max(1, len(self.losses))
+    def seconds_per_iter(self) -> float | None:
+        # None for a stage that ran no iterations (--unet-iters 0): its set-up time is no per-iteration figure
+        return (time.perf_counter() - self.start) / len(self.losses) if self.losses else None
 
 
 def train_vae(world, tiny, budget: Budget, seed: int, device, taesd=None):
@@ -493,8 +494,8 @@ def main(argv: list[str] | None = None) -> dict:
             "vae_psnr_db": round(vae_psnr(world, vae, budget), 2),
             "single_object": single_object_fidelity(world, detect, clip, unet_patcher, vae, budget, args.seed),
         }
-    metrics["seconds"] = {"vae_per_iter": None if vae_s_per_it is None else round(vae_s_per_it, 3),
-                          "decoder_per_iter": round(decoder_s_per_it, 3), "unet_per_iter": round(unet_s_per_it, 3),
+    per_iter = {"vae_per_iter": vae_s_per_it, "decoder_per_iter": decoder_s_per_it, "unet_per_iter": unet_s_per_it}
+    metrics["seconds"] = {**{stage: None if s is None else round(s, 3) for stage, s in per_iter.items()},
                           "total": round(time.perf_counter() - started, 1)}
     metadata = {
         "command": command, "seed": str(args.seed), "device": args.device, "budget": asdict(budget),

@@ -52,6 +52,13 @@ def test_loss_weights_are_one_plus_sigma_squared_capped_with_mean_one():
     assert torch.allclose(uncapped / uncapped[0], (1 + sigmas**2) / (1 + sigmas[0] ** 2))
 
 
+def test_a_stage_that_ran_no_iterations_has_no_per_iteration_time():
+    progress = train.Progress("unet", total=0, every=1)
+    assert progress.seconds_per_iter is None  # --unet-iters 0: set-up time is not a per-iteration figure
+    progress.log(0, 0.5)
+    assert progress.seconds_per_iter > 0
+
+
 def _run(*args):
     done = subprocess.run([sys.executable, str(REPO / "demo" / "train.py"), "--smoke", "--threads", "1", *args],
                           capture_output=True, text=True, cwd=REPO, timeout=600)
