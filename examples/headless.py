@@ -95,6 +95,10 @@ class Host:
         comfy.cli_args.args.cpu = cpu
         comfy.cli_args.args.use_pytorch_cross_attention = True
         import comfy.model_management  # noqa: F401
+        # Before nodes, as main.py does: nodes.py puts comfy/ first on sys.path, and an `import
+        # utils.install_util` after that finds comfy/utils.py, so the host's own comfy_extras/
+        # nodes_images.py (ImageCrop, ImageStitch, SaveAnimatedWEBP...) would fail to load.
+        import utils.extra_config  # noqa: F401
         import execution
         import folder_paths
         import nodes

@@ -48,3 +48,10 @@ def test_missing_optional_dependency_logs_one_line_and_comfyui_still_loads_the_p
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=host.root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def test_headless_host_loads_comfyuis_own_image_nodes(host):
+    # nodes_images.py imports server -> utils.install_util; loaded in the wrong order, `utils`
+    # is comfy/utils.py and these stock nodes vanish from workflows run through examples/run.py
+    for name in ("ImageCrop", "ImageStitch", "SaveAnimatedWEBP"):
+        assert name in host.nodes.NODE_CLASS_MAPPINGS, name
