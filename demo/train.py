@@ -63,22 +63,23 @@ SD15_LATENT_FACTOR = 0.18215  # comfy.latent_formats.SD15.scale_factor
 @dataclass(frozen=True)
 class Budget:
     size: int = 128  # scene resolution (latents are size / 8)
-    vae_iters: int = 1500
+    vae_iters: int = 4500
     vae_batch: int = 8
     vae_crop: int = 64  # the VAE is convolutional: crops train it at a quarter of the cost
     vae_lr: float = 3e-4
-    vae_adapt_iters: int = 300  # the decoder alone, after normalise_latents changed its input
-    scenes: int = 3000  # fixed training set for the UNet, encoded once
-    unet_iters: int = 3000
+    vae_bf16: bool = True  # bfloat16 autocast for the VAE's convolutions where the device has it (1.8x on AVX512-BF16)
+    vae_adapt_iters: int = 2500  # the decoder alone, after normalise_latents changed its input
+    scenes: int = 5000  # fixed training set for the UNet, encoded once
+    unet_iters: int = 10000
     unet_batch: int = 32
-    unet_lr: float = 5e-4
-    warmup: int = 100
+    unet_lr: float = 1.5e-3  # at 400 iterations 2e-3 led 1e-3 and 5e-4 (eval loss .076 / .084 / .097)
+    warmup: int = 200
     ema: float = 0.999
     loss_weight_cap: float = 5.0  # see diffusion_loss_weights
     p_no_background: float = 0.2  # captions without their background clause
     p_empty: float = 0.1  # empty captions, for classifier-free guidance
     eval_scenes: int = 64  # held-out scenes for VAE PSNR
-    eval_prompts: int = 70  # single-object prompts (each colour-shape pair twice)
+    eval_prompts: int = 140  # single-object prompts (each colour-shape pair four times)
     sample_steps: int = 20
     cfg: float = 5.0
 
@@ -160,6 +161,16 @@ class Progress:
         return (time.perf_counter() - self.start) / len(self.losses) if self.losses else None
 
 
+def bf16_supported(device) -> bool:
+    """Whether bfloat16 autocast is fast here: native on CUDA, and on CPUs with AVX512-BF16 or AMX
+    (elsewhere oneDNN emulates it, slower than float32)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def train_vae(world, tiny, budget: Budget, seed: int, device, taesd=None):
     """TAESD as an autoencoder on [0, 1] images, MSE loss, on random crops.
 
@@ -182,6 +193,7 @@ def train_vae(world, tiny, budget: Budget, seed: int, device, taesd=None):
     iters = budget.vae_adapt_iters if decoder_only else budget.vae_iters
     stream = 4 if decoder_only else 1  # the decoder's own scenes and crops
     crop_rng = np.random.default_rng([seed, stream])
+    use_bf16 = budget.vae_bf16 and bf16_supported(device)
     progress = Progress("vae decoder" if decoder_only else "vae", iters, iters // 40)
     for step in range(iters):
         images, _ = render_batch(world, [world_seed(seed, stream, step, i) for i in range(budget.vae_batch)], budget.size)
@@ -189,9 +201,11 @@ def train_vae(world, tiny, budget: Budget, seed: int, device, taesd=None):
         images = images[:, :, y:y + budget.vae_crop, x:x + budget.vae_crop].to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, iters, budget.warmup, budget.vae_lr)
-        with torch.set_grad_enabled(not decoder_only):
-            latents = taesd.taesd_encoder(images)
-        loss = torch.nn.functional.mse_loss(taesd.taesd_decoder(latents), images)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.set_grad_enabled(not decoder_only):
+                latents = taesd.taesd_encoder(images)
+            decoded = taesd.taesd_decoder(latents)
+        loss = torch.nn.functional.mse_loss(decoded.float(), images)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(coders, 1.0)  # no normalisation layers: keep early steps bounded
@@ -433,6 +447,14 @@ def git_commit() -> str:
         return "unknown"
 
 
+def flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="seeds weights, scenes, noise and caption dropout")
@@ -444,7 +466,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a file this script wrote: train on from it (the VAE's decoder only, then the UNet "
                              "and text encoder) instead of from random weights; --vae-iters is then unused")
     for name, default in asdict(Budget()).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=None,
+        parser.add_argument("--" + name.replace("_", "-"), type=flag if isinstance(default, bool) else type(default),
+                            default=None,
                             help=f"override the budget's {name} (full run: {default})")
     args = parser.parse_args(argv)
     budget = SMOKE if args.smoke else Budget()
@@ -501,6 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
     metadata = {
         "command": command, "seed": str(args.seed), "device": args.device, "budget": asdict(budget),
         "latent_statistics_folded": latent_statistics,
+        "vae_autocast": "bfloat16" if budget.vae_bf16 and bf16_supported(device) else "float32",
         "unet_config": tiny.SD15_UNET, "text_config": tiny.TEXT_CONFIG, "metrics": metrics,
         "git_commit": commit, "torch": torch.__version__, "vocabulary": world.vocabulary(),
     }

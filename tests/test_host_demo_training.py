@@ -1,6 +1,7 @@
 """demo/train.py: the latent normalisation, the loss weights, and a whole (smoke-sized) run
 that writes a file DemoModelLoader reads, then a --resume run that records where it started."""
 
+import argparse
 import hashlib
 import json
 import subprocess
@@ -76,7 +77,7 @@ def test_a_smoke_run_writes_a_loadable_file_and_resume_records_its_origin(host, 
     model, clip, vae = host.pack.nodes.tiny_models.load_demo_model(first)
     assert vae.first_stage_model.vae_scale.item() == pytest.approx(train.SD15_LATENT_FACTOR, rel=1e-3)  # stored as float16
 
-    _run("--seed", "1", "--resume", str(first), "--out", str(second))
+    _run("--seed", "1", "--resume", str(first), "--out", str(second), "--vae-bf16", "off")
     with safe_open(str(second), framework="pt") as handle:
         resumed_from = json.loads(handle.metadata()["resumed_from"])
     assert resumed_from["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
@@ -86,7 +87,18 @@ def test_a_smoke_run_writes_a_loadable_file_and_resume_records_its_origin(host, 
     with safe_open(str(first), framework="pt") as a, safe_open(str(second), framework="pt") as b:
         encoder = [k for k in a.keys() if k.startswith("vae.taesd_encoder.")]
         assert encoder and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in encoder)
-    assert json.loads(second.with_suffix(".json").read_text())["latent_statistics_folded"] == meta["latent_statistics_folded"]
+    second_meta = json.loads(second.with_suffix(".json").read_text())
+    assert second_meta["latent_statistics_folded"] == meta["latent_statistics_folded"]
+    # bfloat16 autocast for the VAE by default where it is fast; a boolean budget flag turns it off
+    expected = "bfloat16" if train.bf16_supported(torch.device("cpu")) else "float32"
+    assert meta["vae_autocast"] == expected and meta["budget"]["vae_bf16"] is True
+    assert second_meta["vae_autocast"] == "float32" and second_meta["budget"]["vae_bf16"] is False
+
+
+def test_boolean_budget_flags_parse_words_not_python_truthiness():
+    assert train.flag("off") is False and train.flag("False") is False and train.flag("1") is True
+    with pytest.raises(argparse.ArgumentTypeError, match="expected true or false"):
+        train.flag("maybe")
 
 
 def test_resume_names_a_file_it_cannot_use(host, tmp_path):
