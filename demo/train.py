@@ -1,6 +1,6 @@
 """Train the pack's demo model on the demo world, reproducibly, with one command.
 
-    python demo/train.py                      # from random weights (CPU, 2 cores: 40 minutes);
+    python demo/train.py                      # from random weights (CPU, 2 cores: 103 minutes);
                                               # writes demo/weights/, replacing the committed weights (--out)
     python demo/train.py --device cuda        # the same run on a GPU
     python demo/train.py --smoke --out /tmp/demo_smoke.safetensors   # end to end in a minute or two
