@@ -171,8 +171,9 @@ def bf16_supported(device) -> bool:
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def train_vae(world, tiny, budget: Budget, seed: int, device, taesd=None):
-    """TAESD as an autoencoder on [0, 1] images, MSE loss, on random crops.
+def train_vae(world, tiny, budget: Budget, seed: int, device, taesd=None, bf16: bool = False):
+    """TAESD as an autoencoder on [0, 1] images, MSE loss, on random crops (under bfloat16
+    autocast with `bf16`; weights and loss stay float32).
 
     Given a trained `taesd`, only its decoder trains: the encoder defines the
     latent space a trained UNet works in, and must not move under it."""
@@ -193,7 +194,6 @@ def train_vae(world, tiny, budget: Budget, seed: int, device, taesd=None):
     iters = budget.vae_adapt_iters if decoder_only else budget.vae_iters
     stream = 4 if decoder_only else 1  # the decoder's own scenes and crops
     crop_rng = np.random.default_rng([seed, stream])
-    use_bf16 = budget.vae_bf16 and bf16_supported(device)
     progress = Progress("vae decoder" if decoder_only else "vae", iters, iters // 40)
     for step in range(iters):
         images, _ = render_batch(world, [world_seed(seed, stream, step, i) for i in range(budget.vae_batch)], budget.size)
@@ -201,7 +201,7 @@ def train_vae(world, tiny, budget: Budget, seed: int, device, taesd=None):
         images = images[:, :, y:y + budget.vae_crop, x:x + budget.vae_crop].to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, iters, budget.warmup, budget.vae_lr)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             with torch.set_grad_enabled(not decoder_only):
                 latents = taesd.taesd_encoder(images)
             decoded = taesd.taesd_decoder(latents)
@@ -489,10 +489,11 @@ def main(argv: list[str] | None = None) -> dict:
     detect = importlib.import_module("attention_lab_demo.detect")
     tiny = load_by_path("attention_lab_tiny_models", REPO / "nodes" / "tiny_models.py")
     print(f"ComfyUI host: {how}; device {args.device}, {args.threads} threads; budget {asdict(budget)}", flush=True)
+    vae_bf16 = budget.vae_bf16 and bf16_supported(device)
 
     if args.resume is None:
         resumed_from, unet_patcher, clip = None, tiny.sd15_unet(seed=args.seed + 1), None
-        taesd, vae_s_per_it = train_vae(world, tiny, budget, args.seed, device)
+        taesd, vae_s_per_it = train_vae(world, tiny, budget, args.seed, device, bf16=vae_bf16)
     else:
         resumed_from, vae_s_per_it = provenance(args.resume), None
         unet_patcher, clip, trained_vae = tiny.load_demo_model(args.resume)
@@ -504,7 +505,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         latent_statistics = normalise_latents(taesd.to(device), fold_scenes(world, budget, args.seed).to(device))
         print(f"[vae] per-channel latent statistics folded into the VAE: {latent_statistics}", flush=True)
-    taesd, decoder_s_per_it = train_vae(world, tiny, budget, args.seed, device, taesd=taesd)
+    taesd, decoder_s_per_it = train_vae(world, tiny, budget, args.seed, device, taesd=taesd, bf16=vae_bf16)
     latents, scenes = encode_scenes(world, taesd, unet_patcher.model, budget, args.seed, device)
     print(f"[data] {len(scenes)} scenes encoded: latent mean {latents.mean():.3f} std {latents.std():.3f}", flush=True)
     taesd.cpu()
@@ -524,7 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
     metadata = {
         "command": command, "seed": str(args.seed), "device": args.device, "budget": asdict(budget),
         "latent_statistics_folded": latent_statistics,
-        "vae_autocast": "bfloat16" if budget.vae_bf16 and bf16_supported(device) else "float32",
+        "vae_autocast": "bfloat16" if vae_bf16 else "float32",
         "unet_config": tiny.SD15_UNET, "text_config": tiny.TEXT_CONFIG, "metrics": metrics,
         "git_commit": commit, "torch": torch.__version__, "vocabulary": world.vocabulary(),
     }
