@@ -72,7 +72,7 @@ class Budget:
     scenes: int = 5000  # fixed training set for the UNet, encoded once
     unet_iters: int = 10000
     unet_batch: int = 32
-    unet_lr: float = 1.5e-3  # at 400 iterations 2e-3 led 1e-3 and 5e-4 (eval loss .076 / .084 / .097)
+    unet_lr: float = 1.5e-3  # benchmarks/unet_lr_sweep.py, 400 iterations: 5e-4 .097, 1e-3 .084, 2e-3 .075, 3e-3 diverged
     warmup: int = 200
     ema: float = 0.999
     loss_weight_cap: float = 5.0  # see diffusion_loss_weights
