@@ -70,6 +70,7 @@ class Budget:
     vae_bf16: bool = True  # bfloat16 autocast for the VAE's convolutions where the device has it (1.8x on AVX512-BF16)
     vae_adapt_iters: int = 2500  # the decoder alone, after normalise_latents changed its input
     scenes: int = 5000  # fixed training set for the UNet, encoded once
+    single_object_share: float = 0.4  # of the UNet's scenes; the world draws 40% (N_OBJECTS_WEIGHTS), more oversamples
     unet_iters: int = 10000
     unet_batch: int = 32
     unet_lr: float = 1.5e-3  # benchmarks/unet_lr_sweep.py, 400 iterations: 5e-4 .097, 1e-3 .084, 2e-3 .075, 3e-3 diverged
@@ -124,10 +125,12 @@ def world_seed(seed: int, *stream: int) -> int:
     return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0])
 
 
-def render_batch(world, seeds, size: int):
+def render_batch(world, seeds, size: int, single=None):
+    """Rendered scenes of these world seeds; where `single` is true, the seed's scene has one object."""
     import torch
 
-    scenes = [world.render(world.random_scene(s), size) for s in seeds]
+    single = [False] * len(seeds) if single is None else single
+    scenes = [world.render(world.random_scene(s, n_objects=1 if one else None), size) for s, one in zip(seeds, single)]
     images = torch.from_numpy(np.stack([r.image for r in scenes])).permute(0, 3, 1, 2).float() / 255
     return images, scenes
 
@@ -252,14 +255,25 @@ def encode_scenes(world, taesd, model, budget: Budget, seed: int, device):
     import torch
 
     seeds = [world_seed(seed, 2, i) for i in range(budget.scenes)]
+    single = forced_single_objects(world, budget, seed)
     latents, scenes = [], []
     with torch.no_grad():
         for start in range(0, len(seeds), 64):
-            images, rendered = render_batch(world, seeds[start:start + 64], budget.size)
+            images, rendered = render_batch(world, seeds[start:start + 64], budget.size, single[start:start + 64])
             # TAESD.encode takes [-1, 1] images, as comfy.sd.VAE hands them over
             latents.append(model.latent_format.process_in(taesd.encode(images.to(device) * 2 - 1)).cpu())
             scenes += [r.scene for r in rendered]
     return torch.cat(latents), scenes
+
+
+def forced_single_objects(world, budget: Budget, seed: int) -> list[bool]:
+    """Which training scenes are drawn with one object, so that one-object scenes make up
+    `single_object_share` of the set: the world draws a share w of them itself, so a further
+    (share - w) / (1 - w) of the scenes are forced to one object. At the world's own share
+    none are, and the set is the world's draw unchanged."""
+    natural = world.N_OBJECTS_WEIGHTS[0]
+    forced = max(0.0, (budget.single_object_share - natural) / (1 - natural))
+    return (np.random.default_rng([seed, 4]).random(budget.scenes) < forced).tolist()
 
 
 def training_caption(world, scene, rng: np.random.Generator, budget: Budget) -> str:
@@ -486,6 +500,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     load_by_path("attention_lab_demo", REPO / "demo", package=True)
     world = importlib.import_module("attention_lab_demo.world")
+    if not world.N_OBJECTS_WEIGHTS[0] <= budget.single_object_share <= 1:
+        raise SystemExit(f"--single-object-share must be between the world's own share "
+                         f"{world.N_OBJECTS_WEIGHTS[0]} and 1, got {budget.single_object_share}")
     detect = importlib.import_module("attention_lab_demo.detect")
     tiny = load_by_path("attention_lab_tiny_models", REPO / "nodes" / "tiny_models.py")
     print(f"ComfyUI host: {how}; device {args.device}, {args.threads} threads; budget {asdict(budget)}", flush=True)
