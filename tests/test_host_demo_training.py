@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -93,6 +94,33 @@ def test_a_smoke_run_writes_a_loadable_file_and_resume_records_its_origin(host, 
     expected = "bfloat16" if train.bf16_supported(torch.device("cpu")) else "float32"
     assert meta["vae_autocast"] == expected and meta["budget"]["vae_bf16"] is True
     assert second_meta["vae_autocast"] == "float32" and second_meta["budget"]["vae_bf16"] is False
+
+
+def test_single_object_share_oversamples_one_object_scenes_and_leaves_the_default_set_alone():
+    from attention_lab.demo import world
+
+    natural = train.Budget()
+    assert natural.single_object_share == world.N_OBJECTS_WEIGHTS[0]
+    assert not any(train.forced_single_objects(world, replace(natural, scenes=500), 0))
+    budget = replace(natural, scenes=2000, single_object_share=0.7)
+    forced = train.forced_single_objects(world, budget, 0)
+    assert forced == train.forced_single_objects(world, budget, 0)  # seeded
+    seeds = [train.world_seed(0, 2, i) for i in range(400)]
+    _, rendered = train.render_batch(world, seeds, 64, forced[:400])
+    counts = [len(r.scene.objects) for r in rendered]
+    assert all(n == 1 for n, one in zip(counts, forced) if one)
+    assert sum(n == 1 for n in counts) / len(counts) == pytest.approx(0.7, abs=0.06)
+    # Scenes that are not forced are the world's own draw of that seed, as before the option.
+    kept = next(i for i, one in enumerate(forced) if not one)
+    assert rendered[kept].scene == world.random_scene(seeds[kept])
+
+
+def test_a_single_object_share_below_the_worlds_own_is_refused(host, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "demo" / "train.py"), "--smoke", "--single-object-share", "0.2",
+                             "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "--single-object-share must be between the world's own share 0.4 and 1, got 0.2" in result.stderr
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_boolean_budget_flags_parse_words_not_python_truthiness():
