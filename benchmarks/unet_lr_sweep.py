@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     budget = replace(train.Budget(), scenes=args.scenes, unet_iters=args.iters, ema=args.ema,
                      eval_prompts=args.fidelity_prompts)
     started = time.perf_counter()
-    latents, scenes = train.encode_scenes(world, vae.first_stage_model.float(), tiny.sd15_unet(seed=1).model,
+    latents, scenes, cells = train.encode_scenes(world, vae.first_stage_model.float(), tiny.sd15_unet(seed=1).model,
                                           budget, 0, "cpu")
     print(f"{args.scenes} scenes encoded in {time.perf_counter() - started:.0f} s", flush=True)
 
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for lr in args.lr:
         patcher, clip = tiny.sd15_unet(seed=1), tiny.text_encoder(seed=2)
-        train.train_diffusion(world, clip, patcher, latents[:trained], scenes[:trained], replace(budget, unet_lr=lr),
-                              0, "cpu")
+        train.train_diffusion(world, clip, patcher, latents[:trained], scenes[:trained], cells[:trained],
+                              replace(budget, unet_lr=lr), 0, "cpu")
         model = patcher.model
         sigmas = model.model_sampling.sigmas
         sigma = sigmas[t].view(-1, 1, 1, 1)

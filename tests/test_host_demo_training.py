@@ -96,11 +96,10 @@ def test_a_smoke_run_writes_a_loadable_file_and_resume_records_its_origin(host, 
     assert second_meta["vae_autocast"] == "float32" and second_meta["budget"]["vae_bf16"] is False
 
 
-def test_single_object_share_oversamples_one_object_scenes_and_leaves_the_default_set_alone():
+def test_single_object_share_oversamples_one_object_scenes_and_the_worlds_own_share_leaves_the_set_alone():
     from attention_lab.demo import world
 
-    natural = train.Budget()
-    assert natural.single_object_share == world.N_OBJECTS_WEIGHTS[0]
+    natural = replace(train.Budget(), single_object_share=world.N_OBJECTS_WEIGHTS[0])
     assert not any(train.forced_single_objects(world, replace(natural, scenes=500), 0))
     budget = replace(natural, scenes=2000, single_object_share=0.7)
     forced = train.forced_single_objects(world, budget, 0)
@@ -151,3 +150,27 @@ def test_git_commit_names_head_and_marks_uncommitted_changes(tmp_path, monkeypat
     assert train.git_commit() == head + "+dirty"
     monkeypatch.setattr(train, "REPO", tmp_path / "not-a-repo")
     assert train.git_commit() == "unknown"
+
+
+def test_object_cells_mark_every_latent_cell_an_object_touches():
+    from attention_lab.demo import world
+
+    scene = world.Scene(objects=(world.SceneObject("square", "red", (0.25, 0.25, 0.5, 0.5)),),
+                        background=world.Background("plain", "blue"))
+    rendered = world.render(scene, 128)
+    cells = train.object_cells([rendered], 16)
+    assert cells.shape == (1, 1, 16, 16) and cells.dtype == torch.bool
+    # the square covers pixels 32..63: latent cells 4..7, and no other
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[4:8, 4:8] = True
+    assert torch.equal(cells[0, 0], expected)
+
+
+def test_object_loss_weights_favour_object_cells_and_keep_mean_one():
+    cells = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    cells[0, 0, :2, :2] = True  # 4 of 32 cells
+    weights = train.object_loss_weights(cells, 4.0)
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert weights[cells].unique().numel() == 1 and weights[~cells].unique().numel() == 1
+    assert (weights[cells][0] / weights[~cells][0]).item() == pytest.approx(5.0)
+    assert torch.equal(train.object_loss_weights(cells, 0.0), torch.ones_like(weights))  # weight 0: the plain loss
