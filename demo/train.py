@@ -1,6 +1,6 @@
 """Train the pack's demo model on the demo world, reproducibly, with one command.
 
-    python demo/train.py                      # from random weights (CPU, 2 cores: 103 minutes);
+    python demo/train.py                      # from random weights (CPU, 2 cores: 110 minutes on a Xeon);
                                               # writes demo/weights/, replacing the committed weights (--out)
     python demo/train.py --device cuda        # the same run on a GPU
     python demo/train.py --smoke --out /tmp/demo_smoke.safetensors   # end to end in a minute or two
@@ -16,7 +16,8 @@ the trained weights load into exactly the modules that sample them:
 2. the text encoder (ComfyUI's CLIP text model behind the standard CLIP
    tokenizer) and the UNet (SD1.5 architecture) jointly on the ε-prediction
    loss in ComfyUI's own noise schedule, on latents of a fixed set of scenes,
-   each timestep's loss weighted by 1 + σ², capped (see `diffusion_loss_weights`);
+   each timestep's loss weighted by 1 + σ², capped (see `diffusion_loss_weights`),
+   and each latent cell an object touches weighted up (see `object_loss_weights`);
    captions drop their background clause (so "a red circle" alone is in
    distribution) or are emptied (for classifier-free guidance) at fixed rates;
 3. evaluation: VAE reconstruction PSNR on held-out scenes, through
@@ -71,6 +72,7 @@ class Budget:
     vae_adapt_iters: int = 2500  # the decoder alone, after normalise_latents changed its input
     scenes: int = 5000  # fixed training set for the UNet, encoded once
     single_object_share: float = 0.7  # of the UNet's scenes; the world draws 40% (N_OBJECTS_WEIGHTS), more oversamples
+    # (object_loss_weight 4 with share 0.7 took one run from 70% to 91% single-object fidelity: README)
     unet_iters: int = 10000
     unet_batch: int = 32
     unet_lr: float = 1.5e-3  # benchmarks/unet_lr_sweep.py, 400 iterations: 5e-4 .097, 1e-3 .084, 2e-3 .075, 3e-3 diverged
