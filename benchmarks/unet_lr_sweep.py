@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     budget = replace(train.Budget(), scenes=args.scenes, unet_iters=args.iters, ema=args.ema,
                      eval_prompts=args.fidelity_prompts)
     started = time.perf_counter()
-    latents, scenes, cells = train.encode_scenes(world, vae.first_stage_model.float(), tiny.sd15_unet(seed=1).model,
-                                          budget, 0, "cpu")
+    latents, scenes, cells = train.encode_scenes(world, vae.first_stage_model.float(),
+                                                 tiny.sd15_unet(seed=1).model, budget, 0, "cpu")
     print(f"{args.scenes} scenes encoded in {time.perf_counter() - started:.0f} s", flush=True)
 
     trained = args.scenes - args.held_out

@@ -516,6 +516,8 @@ def main(argv: list[str] | None = None) -> dict:
     budget = replace(budget, **{k: v for k, v in vars(args).items() if k in asdict(budget) and v is not None})
     if budget.size % 8 or not 64 <= budget.size <= 256:
         raise SystemExit(f"--size must be a multiple of 8 between 64 and 256, got {budget.size}")
+    if budget.object_loss_weight < 0:
+        raise SystemExit(f"--object-loss-weight must be 0 (the plain loss) or more, got {budget.object_loss_weight}")
     command = "python demo/train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     started, commit = time.perf_counter(), git_commit()

@@ -174,3 +174,11 @@ def test_object_loss_weights_favour_object_cells_and_keep_mean_one():
     assert weights[cells].unique().numel() == 1 and weights[~cells].unique().numel() == 1
     assert (weights[cells][0] / weights[~cells][0]).item() == pytest.approx(5.0)
     assert torch.equal(train.object_loss_weights(cells, 0.0), torch.ones_like(weights))  # weight 0: the plain loss
+
+
+def test_a_negative_object_loss_weight_is_refused(host, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "demo" / "train.py"), "--smoke", "--object-loss-weight", "-1",
+                             "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "--object-loss-weight must be 0 (the plain loss) or more, got -1.0" in result.stderr
+    assert not (tmp_path / "x.safetensors").exists()
