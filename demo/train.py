@@ -354,8 +354,9 @@ def train_diffusion(world, clip, unet_patcher, latents, scenes, cells, budget: B
     for step in range(budget.unet_iters):
         index = rng.integers(0, len(scenes), size=budget.unet_batch)
         captions = [training_caption(world, scenes[i], rng, budget) for i in index]
-        x0 = latents[torch.from_numpy(index)].to(device)
-        cell_weights = object_loss_weights(cells[torch.from_numpy(index)].to(device), budget.object_loss_weight)
+        batch = torch.from_numpy(index)
+        x0 = latents[batch].to(device)
+        cell_weights = object_loss_weights(cells[batch].to(device), budget.object_loss_weight)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         t = torch.randint(0, len(sigmas), (budget.unet_batch,), generator=generator).to(device)
         sigma = sigmas[t].view(-1, 1, 1, 1)
