@@ -32,6 +32,7 @@ EXTENSION_URL = "/extensions/comfyui-attention-lab/bounded_boxes.js"  # [project
 POINTER_MS = 40  # per pointer move (selenium's default, 250 ms, makes each drag take seconds)
 TOLERANCE = 0.02  # normalised; a few screen pixels of a ~400 px canvas
 BOX_CASES = json.loads((Path(__file__).parent / "box_format_cases.json").read_text())
+EXAMPLES = [headless.REPO / "examples" / name for name in ("bounded_two_subjects.json", "bounded_three_subjects.json")]
 SCREENSHOTS = os.environ.get("ATTENTION_LAB_SCREENSHOTS")
 CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -415,3 +416,27 @@ def test_the_editor_writes_what_the_node_reads_and_draws_what_it_parses(browser)
         assert state["subjects"] == case["subjects"].split("\n"), (case, state)
         problem = [text for text, _ in state["lines"] if text.startswith("boxes: ")]
         assert (case["problem"] in problem[0]) if case["problem"] else not problem, (case, state["lines"])
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_the_bounded_examples_open_with_no_node_over_another(browser, example):
+    driver = browser
+    driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        app.loadGraphData(arguments[0]).then(() => done(true), e => done(String(e)));""",
+                                json.loads(example.read_text()))
+    node_id = driver.execute_script(f"return app.graph.findNodesByType('{NODE}')[0].id;")
+    _editor_canvas(driver, node_id)
+    driver.execute_script("app.canvas.ds.scale = 0.62; app.canvas.ds.offset = [10, 120]; app.canvas.setDirty(true, true);"
+                          "app.canvas.draw(true, true);")
+    _screenshot(driver, example.stem)
+    nodes = driver.execute_script("""
+        return app.graph.nodes.map(n => ({id: n.id, type: n.type, bounds: Array.from(n.getBounding()),
+                                          min: n.computeSize()}));""")
+    layout = next(n for n in nodes if n["type"] == NODE)
+    width, height = layout["bounds"][2], layout["bounds"][3]
+    assert width >= layout["min"][0] and height >= layout["min"][1] - 1, f"the layout node is not at its grown size: {layout}"
+    rects = {n["id"]: (n["type"], [n["bounds"][0], n["bounds"][1], n["bounds"][0] + n["bounds"][2],
+                                   n["bounds"][1] + n["bounds"][3]]) for n in nodes}
+    overlapping = [(rects[a], rects[b]) for a in rects for b in rects if a < b and _overlap(rects[a][1], rects[b][1])]
+    assert not overlapping, f"{example.name}: overlapping nodes {overlapping}"
