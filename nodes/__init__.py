@@ -6,7 +6,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from .bounded import BoundedAttentionLayout
+from .bounded import BoundedAttentionLayout, register_editor_route
 from .cross_image import CrossImageAttention
 from .demo import DemoModelLoader
 from .inversion import DDIMInversionSampler, DDIMInvert, InversionReplay
@@ -30,4 +30,5 @@ class AttentionLabExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> AttentionLabExtension:
+    register_editor_route()
     return AttentionLabExtension()

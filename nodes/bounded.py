@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import sys
 
 import torch
 
@@ -80,17 +82,28 @@ def resolve_layout(clip, prompt: str, subjects: list[str], boxes: list, filter_w
                             filter_tokens=tuple(sorted(filters)), names=tuple(subjects))
 
 
+def subject_lines(text: str) -> list[str]:
+    """One subject per non-empty line, stripped."""
+    return [s.strip() for s in text.splitlines() if s.strip()]
+
+
 def parse_subjects(text: str) -> list[str]:
-    subjects = [s.strip() for s in text.splitlines() if s.strip()]
+    subjects = subject_lines(text)
     if not subjects:
         raise ValueError(f"{NODE}: subjects: give one subject (a word or phrase of the prompt) per line")
     return subjects
 
 
-def parse_boxes(text: str, subjects: list[str], width: int, height: int) -> list[tuple]:
-    """Boxes `[x0, y0, x1, y1]`, one per subject, normalised; pixel boxes (whole numbers, some > 1) are divided by width/height.
+def _is_box(entry) -> bool:
+    return (isinstance(entry, list) and len(entry) == 4
+            and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in entry))
 
-    JSON: a list in subject order, or an object {subject: box}.
+
+def _box_entries(text: str, subjects: list[str], width: int, height: int) -> tuple[list, bool]:
+    """The JSON's entries in subject order, pixel boxes divided by width/height; and whether they were pixels.
+
+    JSON: a list in subject order, or an object {subject: box}. Pixel boxes: whole
+    numbers, some above 1 (a fraction above 1 is a normalised box out of range).
     """
     try:
         data = json.loads(text)
@@ -104,20 +117,83 @@ def parse_boxes(text: str, subjects: list[str], width: int, height: int) -> list
         data = [data.get(s) for s in subjects]
     if not isinstance(data, list):
         raise ValueError(f"{NODE}: boxes: expected a JSON list of [x0, y0, x1, y1] boxes, got {type(data).__name__}")
-    if len(data) > len(subjects):
-        raise ValueError(f"{NODE}: boxes: {len(data)} boxes for {len(subjects)} subjects; give one box per subject line")
-    missing = [s for s, b in zip(subjects, data) if b is None] + subjects[len(data):]
-    if missing:
-        raise ValueError(f"{NODE}: boxes: no box for subject(s) {missing}; give one box per subject line")
-    # pixel boxes: whole numbers, some above 1 (a fraction above 1 is a normalised box out of range)
-    numbers = [c for b in data if isinstance(b, list) for c in b if isinstance(c, (int, float))]
+    numbers = [c for b in data if _is_box(b) for c in b]
     pixels = any(c > 1 for c in numbers) and all(float(c).is_integer() for c in numbers)
+    if pixels:
+        data = [[b[0] / width, b[1] / height, b[2] / width, b[3] / height] if _is_box(b) else b for b in data]
+    return data, pixels
+
+
+def _checked_boxes(entries: list, pixels: bool, subjects: list[str], width: int, height: int,
+                   allow_missing: bool) -> list:
+    if len(entries) > len(subjects):
+        raise ValueError(f"{NODE}: boxes: {len(entries)} boxes for {len(subjects)} subjects; give one box per subject line")
+    missing = [s for s, b in zip(subjects, entries) if b is None] + subjects[len(entries):]
+    if missing and not allow_missing:
+        raise ValueError(f"{NODE}: boxes: no box for subject(s) {missing}; give one box per subject line")
+    scale = f" (pixels of {width}x{height})" if pixels else ""
+    return [None if box is None else ba.check_box(box, f"{NODE}: boxes: the box of {subject!r}{scale}")
+            for subject, box in zip(subjects, entries)]
+
+
+def parse_boxes(text: str, subjects: list[str], width: int, height: int) -> list[tuple]:
+    """Boxes `[x0, y0, x1, y1]`, one per subject, normalised; pixel boxes (whole numbers, some > 1) are divided by width/height.
+
+    JSON: a list in subject order, or an object {subject: box}.
+    """
+    entries, pixels = _box_entries(text, subjects, width, height)
+    return _checked_boxes(entries, pixels, subjects, width, height, allow_missing=False)
+
+
+def editor_view(subjects_text: str, boxes_text: str, width: int, height: int) -> dict:
+    """What the box editor (web/bounded_boxes.js) draws, read by the parser the node runs.
+
+    {"subjects": [...], "boxes": [box or None per entry] or None when the text is
+    not a list of boxes, "problem": what this node would refuse, or ""}. A box that
+    is not 4 numbers is None; one outside the image is shown clamped into it. A
+    subject without a box is not a problem here: the editor asks for it by name.
+    """
+    subjects = subject_lines(subjects_text)
+    try:
+        entries, pixels = _box_entries(boxes_text, subjects, width, height)
+    except ValueError as e:
+        return {"subjects": subjects, "boxes": None, "problem": str(e).removeprefix(f"{NODE}: ")}
+    problem = ""
+    try:
+        _checked_boxes(entries, pixels, subjects, width, height, allow_missing=True)
+    except ValueError as e:
+        problem = str(e).removeprefix(f"{NODE}: ")
     boxes = []
-    for subject, box in zip(subjects, data):
-        if pixels and isinstance(box, list) and len(box) == 4 and all(isinstance(c, (int, float)) for c in box):
-            box = [box[0] / width, box[1] / height, box[2] / width, box[3] / height]
-        boxes.append(ba.check_box(box, f"{NODE}: boxes: the box of {subject!r}" + (f" (pixels of {width}x{height})" if pixels else "")))
-    return boxes
+    for entry in entries:
+        if not _is_box(entry) or not all(math.isfinite(c) for c in entry):
+            boxes.append(None)
+            continue
+        x0, y0, x1, y1 = (min(1.0, max(0.0, float(c))) for c in entry)
+        boxes.append([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)])
+    return {"subjects": subjects, "boxes": boxes, "problem": problem}
+
+
+EDITOR_ROUTE = "/attention_lab/box_editor"  # also in web/bounded_boxes.js
+_routes_registered: set[int] = set()  # ids of the servers that serve EDITOR_ROUTE
+
+
+def register_editor_route() -> None:
+    """Serve `editor_view` to the box editor, on the running ComfyUI server (none in a headless host)."""
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None or id(instance) in _routes_registered:
+        return
+    _routes_registered.add(id(instance))
+    from aiohttp import web
+
+    @instance.routes.post(EDITOR_ROUTE)
+    async def box_editor_view(request):
+        try:
+            body = await request.json()
+            view = editor_view(str(body["subjects"]), str(body["boxes"]), max(1, int(body["width"])), max(1, int(body["height"])))
+        except (ValueError, KeyError, TypeError) as e:
+            return web.json_response({"error": f"{NODE} box editor: bad request ({e})"}, status=400)
+        return web.json_response(view)
 
 
 # --- guidance inside sampling -----------------------------------------------------------

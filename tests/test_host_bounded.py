@@ -1,6 +1,8 @@
 """BoundedAttentionLayout in real ComfyUI: subject resolution, errors, masks-only and guided sampling."""
 
 import importlib
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,8 @@ PROMPT = "a ginger kitten and a gray puppy in a yard"
 SUBJECTS = "ginger kitten\ngray puppy"
 BOXES = "[[0.05, 0.2, 0.45, 0.8], [0.55, 0.2, 0.95, 0.8]]"
 STEPS = 4
+# the boxes text as web/bounded_boxes.js writes it and as users type it; tests/test_web_box_editor.py reads it too
+BOX_CASES = json.loads((Path(__file__).parent / "box_format_cases.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +63,36 @@ def test_boxes_in_pixels_or_by_subject(node):
     assert node.parse_boxes("[[0, 128, 256, 384], [256, 0, 512, 256]]", subjects, 512, 512) == [
         (0.0, 0.25, 0.5, 0.75), (0.5, 0.0, 1.0, 0.5)]
     assert node.parse_boxes('{"dog": [0.5, 0, 1, 1], "cat": [0, 0, 0.5, 1]}', subjects, 64, 64)[0] == (0, 0, 0.5, 1)
+
+
+@pytest.mark.parametrize("case", BOX_CASES["formatted"], ids=lambda case: case["text"])
+def test_the_node_reads_back_what_the_editor_writes(node, case):
+    subjects = "\n".join(case["subjects"])
+    view = node.editor_view(subjects, case["text"], 512, 512)
+    assert view == {"subjects": case["subjects"], "boxes": case["read"], "problem": ""}
+    complete = len(case["read"]) == len(case["subjects"]) and None not in case["read"]
+    if complete:
+        assert node.parse_boxes(case["text"], case["subjects"], 512, 512) == [tuple(b) for b in case["read"]]
+    else:  # a subject without a box: the editor asks for it, the node refuses to run without it
+        with pytest.raises(ValueError, match="no box for subject"):
+            node.parse_boxes(case["text"], case["subjects"], 512, 512)
+
+
+@pytest.mark.parametrize("case", BOX_CASES["typed"], ids=lambda case: case["text"])
+def test_the_editor_shows_what_the_node_would_run_or_refuse(node, case):
+    view = node.editor_view(case["subjects"], case["text"], case["width"], case["height"])
+    assert view["subjects"] == node.subject_lines(case["subjects"])
+    assert view["boxes"] == case["shown"]  # the cases' pixel boxes divide exactly
+    subjects = view["subjects"]
+    if case["problem"]:
+        assert case["problem"] in view["problem"] and view["problem"].startswith("boxes: ")
+        with pytest.raises(ValueError) as refused:
+            node.parse_boxes(case["text"], subjects, case["width"], case["height"])
+        assert str(refused.value) == f"{node.NODE}: {view['problem']}"  # the node's own words
+    else:
+        assert view["problem"] == ""
+        assert node.parse_boxes(case["text"], subjects, case["width"], case["height"]) == [
+            tuple(b) for b in case["shown"]]
 
 
 @pytest.mark.parametrize("overrides,message", [

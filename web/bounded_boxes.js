@@ -9,23 +9,31 @@
  * The node's `boxes` STRING widget is the only storage: every edit writes
  * normalised JSON `[[x0, y0, x1, y1], ...]` (3 decimals, subject order, `null`
  * for a subject whose box was removed), so workflow JSON and the API prompt
- * carry the boxes as the Python side parses them (nodes/bounded.py), and typing
- * in the text widget redraws the canvas.
+ * carry the boxes. The text is read only in Python (nodes/bounded.py
+ * `editor_view`, served at VIEW_ROUTE): typing in the text widget redraws the
+ * canvas with the boxes, subjects and problems the node itself would see.
  *
  * Aspect ratio: the node's own width/height widgets; when one of them is driven
  * by a link, the linked node's value (its widget of that name, else its first
  * number widget); square when neither gives a positive number.
  */
 import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
 
 const NODE_TYPE = "BoundedAttentionLayout";
 const EDITOR_WIDGET = "box_editor";
+const VIEW_ROUTE = "/attention_lab/box_editor"; // nodes/bounded.py EDITOR_ROUTE
 const PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"];
-const GRAB_PX = 8; // how near (screen pixels) an edge must be to grab it
+// An edge grabs the pointer in a band just inside it (this share of the canvas's shorter side,
+// within GRAB_INSIDE_PX, at most a quarter of the box's side so its middle still moves it) and
+// GRAB_OUTSIDE_PX outside it (the drawn line); any further out is empty space, which draws.
+const GRAB_INSIDE = 0.02;
+const GRAB_INSIDE_PX = [3, 8];
+const GRAB_OUTSIDE_PX = 2;
 const CLOSE_PX = 14; // side of the ✕ button (screen pixels)
 const MIN_SIDE = 0.02; // smallest box side, normalised: a box never rounds to empty
 const DECIMALS = 3;
-const EDITOR_MIN_HEIGHT = 220;
+const EDITOR_MIN_HEIGHT = 270; // canvas and the message lines under it
 const HELP =
   "Drag on empty space: draw the next subject's box. Drag inside a box: move it. " +
   "Drag an edge or corner: resize. ✕, right-click, or select + Delete: remove.";
@@ -35,59 +43,14 @@ function subjectColour(i) {
   return i < PALETTE.length ? PALETTE[i] : `hsl(${Math.round((i * 137.5) % 360)}, 75%, 55%)`;
 }
 
-/** One subject per non-empty line, as nodes/bounded.py parse_subjects reads them. */
-function parseSubjects(text) {
-  return String(text ?? "")
-    .split(/\r?\n/)
-    .map((s) => s.trim())
-    .filter((s) => s);
-}
-
 const clamp01 = (v) => Math.min(1, Math.max(0, v));
 const round = (v) => Number(v.toFixed(DECIMALS));
 
 /**
- * The boxes of `text` in subject order, normalised, as nodes/bounded.py parse_boxes reads them:
- * a JSON list or {subject: box}; pixel boxes (whole numbers, some > 1) divided by width/height.
- * Returns {boxes, problem}: entries that are not 4 numbers become null; boxes outside [0, 1]
- * are shown clamped; `problem` says what the sampler would reject (or "" if nothing).
+ * The `boxes` widget text: normalised boxes rounded to 3 decimals, null for a removed one, none trailing.
+ * tests/box_format_cases.json holds what it must write and what nodes/bounded.py reads back from it.
  */
-function parseBoxes(text, subjects, width, height) {
-  let data;
-  try {
-    data = JSON.parse(text);
-  } catch (e) {
-    return { boxes: null, problem: `boxes: not valid JSON (${e.message})` };
-  }
-  const problems = [];
-  if (data && typeof data === "object" && !Array.isArray(data)) {
-    const unknown = Object.keys(data).filter((k) => !subjects.includes(k));
-    if (unknown.length) problems.push(`not among the subjects: ${unknown.join(", ")}`);
-    data = subjects.map((s) => data[s] ?? null);
-  }
-  if (!Array.isArray(data)) {
-    return { boxes: null, problem: "boxes: expected a JSON list of [x0, y0, x1, y1] boxes" };
-  }
-  const isBox = (b) => Array.isArray(b) && b.length === 4 && b.every((c) => typeof c === "number" && isFinite(c));
-  const numbers = data.filter(isBox).flat();
-  const pixels = numbers.some((c) => c > 1) && numbers.every((c) => Number.isInteger(c));
-  const boxes = data.map((b, i) => {
-    if (b === null) return null;
-    if (!isBox(b)) {
-      problems.push(`box ${i + 1} is not [x0, y0, x1, y1]`);
-      return null;
-    }
-    const scaled = pixels ? [b[0] / width, b[1] / height, b[2] / width, b[3] / height] : b;
-    if (scaled.some((c) => c < 0 || c > 1)) problems.push(`box ${i + 1} lies outside the image`);
-    const [x0, y0, x1, y1] = scaled.map(clamp01);
-    return [Math.min(x0, x1), Math.min(y0, y1), Math.max(x0, x1), Math.max(y0, y1)];
-  });
-  if (boxes.length > subjects.length) problems.push(`${boxes.length} boxes for ${subjects.length} subjects`);
-  return { boxes, problem: problems.length ? "boxes: " + problems.join("; ") : "" };
-}
-
-/** The `boxes` widget text: normalised boxes rounded to 3 decimals, null for a removed one, none trailing. */
-function formatBoxes(boxes) {
+export function formatBoxes(boxes) {
   const kept = boxes.slice();
   while (kept.length && !kept[kept.length - 1]) kept.pop();
   return "[" + kept.map((b) => (b ? "[" + b.map((c) => String(round(c))).join(", ") + "]" : "null")).join(", ") + "]";
@@ -100,58 +63,93 @@ function withMinSide([x0, y0, x1, y1]) {
   return [x0, y0, x1, y1];
 }
 
+/** `callback` after `object[name]` (a LiteGraph hook), keeping what was there. */
+function chain(object, name, callback) {
+  const previous = object[name];
+  object[name] = function (...args) {
+    const result = previous?.apply(this, args);
+    callback(...args);
+    return result;
+  };
+}
+
 class BoxEditor {
   constructor(node) {
     this.node = node;
     this.boxes = []; // normalised [x0, y0, x1, y1] or null, index = subject
     this.subjects = [];
     this.size = [1, 1]; // image width, height
-    this.problem = ""; // what the sampler would reject in the boxes text
+    this.problem = ""; // what the node would refuse in the boxes text (nodes/bounded.py's words)
     this.notice = ""; // why the last pointer action did nothing
     this.selected = -1;
     this.drag = null;
-    this.seen = null; // the inputs the canvas shows, to redraw only when they change
+    this.requested = null; // the inputs of the last view asked of the server
+    this.shown = null; // the inputs the canvas shows
 
+    // the canvas over the image's aspect ratio, then the message lines and the size, side by side, under it
     this.container = document.createElement("div");
-    Object.assign(this.container.style, {
-      display: "flex", alignItems: "center", justifyContent: "center", overflow: "hidden",
+    Object.assign(this.container.style, { display: "flex", flexDirection: "column", overflow: "hidden" });
+    this.area = document.createElement("div");
+    Object.assign(this.area.style, {
+      display: "flex", alignItems: "center", justifyContent: "center", flex: "1 1 0", minHeight: "0", overflow: "hidden",
     });
     this.canvas = document.createElement("canvas");
     this.canvas.className = "attention-lab-box-editor";
     this.canvas.tabIndex = 0; // focusable, for the Delete key
     this.canvas.title = HELP;
-    Object.assign(this.canvas.style, { outline: "none", touchAction: "none", cursor: "crosshair" });
-    this.container.append(this.canvas);
+    Object.assign(this.canvas.style, { flex: "none", outline: "none", touchAction: "none", cursor: "crosshair" });
+    this.area.append(this.canvas);
+    this.footer = document.createElement("div");
+    this.footer.className = "attention-lab-box-editor-footer";
+    Object.assign(this.footer.style, {
+      display: "flex", alignItems: "flex-start", gap: "8px", flex: "none", minHeight: "32px", padding: "3px 2px 0",
+      font: "12px/15px sans-serif", color: "rgba(255, 255, 255, 0.75)",
+    });
+    this.messages = document.createElement("div");
+    this.messages.className = "attention-lab-box-editor-messages";
+    Object.assign(this.messages.style, { flex: "1 1 0", minWidth: "0", overflowWrap: "anywhere", whiteSpace: "normal" });
+    this.sizeLabel = document.createElement("div");
+    this.sizeLabel.className = "attention-lab-box-editor-size";
+    Object.assign(this.sizeLabel.style, { flex: "none", whiteSpace: "nowrap", color: "rgba(255, 255, 255, 0.5)" });
+    this.footer.append(this.messages, this.sizeLabel);
+    this.container.append(this.area, this.footer);
 
     this.widget = node.addDOMWidget(EDITOR_WIDGET, "attention_lab_box_editor", this.container, {
       serialize: false, // the boxes live in the `boxes` widget; this one is a view of it
       getMinHeight: () => EDITOR_MIN_HEIGHT,
-      onDraw: () => this.sync(),
+      // The widget callbacks, loading and (dis)connecting sync the editor; only a linked width or
+      // height can change with no event here (the other node's widget), so only that is read per frame.
+      onDraw: () => {
+        if (this.linkedDimension()) this.sync();
+      },
     });
     // not in widgets_values either: saved workflows keep the node's Python widgets only
     this.widget.serialize = false;
+    this.widget.boxEditor = this; // for other extensions and the browser test
 
     for (const name of ["subjects", "boxes", "width", "height"]) {
       const widget = this.widgetNamed(name);
-      if (!widget) continue;
-      const previous = widget.callback;
-      widget.callback = (...args) => {
-        const result = previous?.apply(widget, args);
-        this.sync();
-        return result;
-      };
+      if (widget) chain(widget, "callback", () => this.sync());
     }
+    chain(node, "onConfigure", () => this.sync());
+    chain(node, "onConnectionsChange", () => this.sync());
+    chain(node, "onRemoved", () => this.resizeObserver.disconnect());
     this.canvas.addEventListener("pointerdown", (e) => this.onPointerDown(e));
     this.canvas.addEventListener("pointermove", (e) => this.onPointerMove(e));
     this.canvas.addEventListener("pointerup", (e) => this.onPointerUp(e));
     this.canvas.addEventListener("pointercancel", (e) => this.onPointerUp(e));
     this.canvas.addEventListener("contextmenu", (e) => this.onContextMenu(e));
     this.canvas.addEventListener("keydown", (e) => this.onKeyDown(e));
-    new ResizeObserver(() => this.render()).observe(this.container);
+    this.resizeObserver = new ResizeObserver(() => this.render());
+    this.resizeObserver.observe(this.area);
   }
 
   widgetNamed(name) {
     return this.node.widgets?.find((w) => w.name === name);
+  }
+
+  linkedDimension() {
+    return !!this.node.inputs?.some((i) => (i.name === "width" || i.name === "height") && i.link != null);
   }
 
   /** Width or height of the image: the linked node's value when the input is linked, else the widget's. */
@@ -167,22 +165,46 @@ class BoxEditor {
     return own > 0 ? own : null;
   }
 
-  /** Read subjects, boxes text and image size; redraw when any changed. Cheap when nothing did. */
-  sync() {
-    if (this.drag) return; // the pointer owns the boxes until it is released
+  /** The node's inputs the canvas draws: subjects and boxes text, image size. */
+  inputs() {
     const width = this.dimension("width");
     const height = this.dimension("height");
-    const size = width && height ? [width, height] : [1, 1];
-    const subjectsText = String(this.widgetNamed("subjects")?.value ?? "");
-    const boxesText = String(this.widgetNamed("boxes")?.value ?? "");
-    const seen = JSON.stringify([subjectsText, boxesText, size]);
-    if (seen === this.seen) return;
-    this.seen = seen;
-    this.subjects = parseSubjects(subjectsText);
-    this.size = size;
-    const { boxes, problem } = parseBoxes(boxesText, this.subjects, size[0], size[1]);
-    if (boxes) this.boxes = boxes; // unparsable text: keep showing the last boxes
-    this.problem = problem;
+    return {
+      subjects: String(this.widgetNamed("subjects")?.value ?? ""),
+      boxes: String(this.widgetNamed("boxes")?.value ?? ""),
+      width: width && height ? width : 1,
+      height: width && height ? height : 1,
+    };
+  }
+
+  /** Ask the node's parser (nodes/bounded.py editor_view) what the inputs mean, when they changed; then redraw. */
+  async sync() {
+    if (this.drag) return; // the pointer owns the boxes until it is released
+    const inputs = this.inputs();
+    const key = JSON.stringify(inputs);
+    if (key === this.requested) return;
+    this.requested = key;
+    let view;
+    try {
+      const response = await api.fetchApi(VIEW_ROUTE, {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: key,
+      });
+      view = await response.json();
+      if (!response.ok) throw new Error(view?.error ?? `HTTP ${response.status}`);
+    } catch (e) {
+      if (key === this.requested) this.requested = null; // ask again at the next change
+      view = { subjects: this.subjects, boxes: null, problem: `box editor: the server could not read the boxes (${e.message})` };
+    }
+    if (key !== this.requested && this.requested !== null) return; // newer inputs are on their way
+    if (this.drag) {
+      this.requested = null; // the drag's commit asks again
+      return;
+    }
+    this.shown = key;
+    this.subjects = view.subjects;
+    this.size = [inputs.width, inputs.height];
+    if (view.boxes) this.boxes = view.boxes; // unreadable text: keep showing the last boxes
+    this.problem = view.problem;
     if (this.selected >= this.boxes.length || !this.boxes[this.selected]) this.selected = -1;
     this.render();
   }
@@ -194,6 +216,7 @@ class BoxEditor {
     const widget = this.widgetNamed("boxes");
     if (widget && widget.value !== text) widget.value = text; // its setter updates the textarea and calls back
     this.sync();
+    this.render();
     this.node.setDirtyCanvas(true, true);
   }
 
@@ -203,37 +226,39 @@ class BoxEditor {
     return { x: clamp01((e.clientX - r.left) / r.width), y: clamp01((e.clientY - r.top) / r.height) };
   }
 
-  /** Grab distances and ✕ size in normalised units (screen pixels over the canvas's drawn size). */
-  tolerance() {
+  /** Canvas size in screen pixels. */
+  screen() {
     const r = this.canvas.getBoundingClientRect();
-    return { gx: GRAB_PX / r.width, gy: GRAB_PX / r.height, cx: CLOSE_PX / r.width, cy: CLOSE_PX / r.height };
+    return { w: r.width || 1, h: r.height || 1 };
   }
 
+  /** The ✕ of a box, normalised [x0, y0, x1, y1]: inside its top-right corner. */
   closeButton(box) {
-    const { gx, gy, cx, cy } = this.tolerance();
-    return [box[2] - gx - cx, box[1] + gy, box[2] - gx, box[1] + gy + cy];
+    const { w, h } = this.screen();
+    const inset = 3;
+    return [box[2] - (inset + CLOSE_PX) / w, box[1] + inset / h, box[2] - inset / w, box[1] + (inset + CLOSE_PX) / h];
   }
 
   /** What is under p: {index, action: "close" | "resize" | "move", edges} or null; the selected box first. */
   hitTest(p) {
-    const { gx, gy } = this.tolerance();
+    const { w, h } = this.screen();
+    const band = Math.min(GRAB_INSIDE_PX[1], Math.max(GRAB_INSIDE_PX[0], GRAB_INSIDE * Math.min(w, h)));
+    const [px, py] = [p.x * w, p.y * h];
     const order = this.boxes.map((_, i) => i).reverse();
     if (this.selected >= 0) order.unshift(this.selected);
     for (const index of order) {
       const box = this.boxes[index];
       if (!box) continue;
-      const [x0, y0, x1, y1] = box;
       if (index === this.selected) {
         const [a, b, c, d] = this.closeButton(box);
         if (p.x >= a && p.x <= c && p.y >= b && p.y <= d) return { index, action: "close" };
       }
-      const withinX = p.x >= x0 - gx && p.x <= x1 + gx;
-      const withinY = p.y >= y0 - gy && p.y <= y1 + gy;
-      if (!withinX || !withinY) continue;
-      const edges = {
-        x0: Math.abs(p.x - x0) <= gx, y0: Math.abs(p.y - y0) <= gy,
-        x1: Math.abs(p.x - x1) <= gx && !(Math.abs(p.x - x0) <= gx), y1: Math.abs(p.y - y1) <= gy && !(Math.abs(p.y - y0) <= gy),
-      };
+      const [x0, y0, x1, y1] = [box[0] * w, box[1] * h, box[2] * w, box[3] * h];
+      const out = GRAB_OUTSIDE_PX;
+      if (px < x0 - out || px > x1 + out || py < y0 - out || py > y1 + out) continue;
+      const inX = Math.min(band, (x1 - x0) / 4);
+      const inY = Math.min(band, (y1 - y0) / 4);
+      const edges = { x0: px <= x0 + inX, y0: py <= y0 + inY, x1: px >= x1 - inX, y1: py >= y1 - inY };
       if (edges.x0 || edges.y0 || edges.x1 || edges.y1) return { index, action: "resize", edges };
       return { index, action: "move" };
     }
@@ -350,8 +375,9 @@ class BoxEditor {
   }
 
   render() {
-    const availableWidth = this.container.clientWidth;
-    const availableHeight = this.container.clientHeight;
+    this.renderFooter();
+    const availableWidth = this.area.clientWidth;
+    const availableHeight = this.area.clientHeight;
     if (!availableWidth || !availableHeight) return; // not laid out yet
     const aspect = this.size[0] / this.size[1];
     const width = Math.max(1, Math.floor(Math.min(availableWidth, availableHeight * aspect)));
@@ -385,19 +411,29 @@ class BoxEditor {
     if (this.selected >= 0 && this.boxes[this.selected]) {
       this.drawBox(ctx, this.boxes[this.selected], this.selected, width, height, true);
     }
-    ctx.fillStyle = "rgba(255, 255, 255, 0.5)";
-    ctx.textAlign = "right";
-    ctx.textBaseline = "bottom";
+  }
+
+  /** The message lines and the image size under the canvas: wrapped to the node's width, never over the canvas. */
+  renderFooter() {
     const sized = this.dimension("width") && this.dimension("height");
-    ctx.fillText(sized ? `${this.size[0]} × ${this.size[1]}` : "square (no width/height)", width - 4, height - 3);
-    ctx.textAlign = "left";
+    this.sizeLabel.textContent = sized ? `${this.size[0]} × ${this.size[1]}` : "square (no width/height)";
     const next = this.freeSubject();
-    const message =
-      this.notice || this.problem || (next >= 0 && !this.drag ? `drag to draw the box of “${this.subjects[next]}”` : "");
-    if (message) {
-      ctx.fillStyle = this.problem && !this.notice ? "#ff6b6b" : "rgba(255, 255, 255, 0.7)";
-      ctx.fillText(message, 4, height - 3, width - 8);
-    }
+    const hint = this.drag?.action === "draw"
+      ? `drawing the box of “${this.subjects[this.drag.index]}”`
+      : next >= 0 ? `drag on empty space to draw the box of “${this.subjects[next]}”` : "";
+    const lines = [
+      [this.problem, "#ff6b6b"],
+      [this.notice || hint, "rgba(255, 255, 255, 0.75)"],
+    ].filter(([text]) => text);
+    const shown = JSON.stringify(lines);
+    if (shown === this.messages.dataset.shown) return;
+    this.messages.dataset.shown = shown;
+    this.messages.replaceChildren(...lines.map(([text, colour]) => {
+      const line = document.createElement("div");
+      line.textContent = text;
+      line.style.color = colour;
+      return line;
+    }));
   }
 
   drawBox(ctx, box, index, width, height, selected) {
