@@ -1,12 +1,17 @@
 """The pack installs and loads the way ComfyUI, the Manager and the registry expect."""
 
+import ast
+import importlib.metadata
 import logging
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
 import tomllib
 from pathlib import Path
+
+import pytest
 
 import headless
 
@@ -105,3 +110,46 @@ def test_example_inputs_create_a_missing_input_folder_and_survive_an_unwritable_
     with caplog.at_level(logging.WARNING, logger="attention_lab"):
         assert offer(blocked / "input") == []
     assert any("could not copy the example input images" in r.getMessage() for r in caplog.records)
+
+
+# What ComfyUI's server imports while it starts (its custom-node-like comfy_extras and model code load
+# later, with a warning when a dependency is missing); the torch family is the machine's to choose.
+HOST_STARTUP = ("main.py", "server.py", "execution.py", "nodes.py", "folder_paths.py",
+                "app", "comfy_api", "comfy_execution", "utils")
+TORCH_FAMILY = {"torch", "torchvision", "torchaudio"}
+
+
+def _distribution(module: str) -> str:
+    names = importlib.metadata.packages_distributions().get(module, [module])
+    return re.sub(r"[-_.]+", "-", names[0]).lower()
+
+
+def test_ci_installs_what_the_host_imports_at_startup_beyond_its_requirements():
+    """Issue 28 §3: on a fresh machine the host's server failed to import `requests`, which its
+    requirements.txt leaves to other packages to bring; .ci/run installs every such module by name."""
+    from conftest import COMFY_ROOT
+
+    if COMFY_ROOT is None:
+        pytest.skip("no ComfyUI host")
+    local = {p.stem for p in COMFY_ROOT.iterdir()}
+    files = [f for name in HOST_STARTUP for f in ([COMFY_ROOT / name] if name.endswith(".py")
+                                                 else sorted((COMFY_ROOT / name).rglob("*.py")))]
+    imported = set()
+    for path in files:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:  # module level: what importing runs
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported - local - TORCH_FAMILY if m not in sys.stdlib_module_names}
+    required = {re.sub(r"[-_.]+", "-", re.split(r"[<>=~!\[; ]", line.strip())[0]).lower()
+                for line in (COMFY_ROOT / "requirements.txt").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")}
+    unlisted = {_distribution(m) for m in third_party} - required
+    ci = (ROOT / ".ci" / "run").read_text()
+    installed = {re.sub(r"[-_.]+", "-", word).lower()
+                 for line in ci.splitlines() if re.match(r"\s*pip install -c \S+ [a-z]", line)
+                 for word in line.split()[4:]}
+    assert "requests" in third_party  # the import the issue found missing: the scan sees it
+    assert unlisted <= installed, f".ci/run does not install {sorted(unlisted - installed)}, which the host " \
+                                  "imports at start-up without listing it in its requirements.txt"
