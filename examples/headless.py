@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import sys
 import tempfile
 import uuid
@@ -20,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-INPUTS = REPO / "examples" / "inputs"  # images the example workflows load (LoadImage)
 STUBS = REPO / "tests" / "stubs"
 
 
@@ -107,9 +105,9 @@ class Host:
         if output_dir is not None:
             folder_paths.set_output_directory(str(output_dir))
         self.output_dir = Path(folder_paths.get_output_directory())
-        # A temp copy, so a workflow's uploads or annotations never write into the repo.
+        # A fresh input folder, so a workflow's uploads land neither in the repo nor in the host's; the
+        # pack offers it the example inputs when it loads (nodes/example_inputs.py), as it does a user's.
         self._inputs = tempfile.TemporaryDirectory(prefix="attention_lab_inputs_")
-        shutil.copytree(INPUTS, self._inputs.name, dirs_exist_ok=True)
         folder_paths.set_input_directory(self._inputs.name)
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         before = set(nodes.NODE_CLASS_MAPPINGS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import folder_paths
 from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
@@ -9,6 +10,7 @@ from comfy_api.latest import ComfyExtension, io
 from .bounded import BoundedAttentionLayout, register_editor_route
 from .cross_image import CrossImageAttention
 from .demo import DemoModelLoader
+from .example_inputs import offer_example_inputs
 from .inversion import DDIMInversionSampler, DDIMInvert, InversionReplay
 from .style_aligned import SharedAttentionStyleAlign, StyleAlignedReferenceFromInversion
 from .segment import AttentionRecorderNode, CrossAttnHeatmap, RecordAttentionPass, SelfAttnPCA, SelfAttnSegment
@@ -31,4 +33,7 @@ class AttentionLabExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> AttentionLabExtension:
     register_editor_route()
+    # Here, not at import: only ComfyUI loading the pack should write into its input folder,
+    # never a tool or test importing these modules.
+    offer_example_inputs(folder_paths.get_input_directory())
     return AttentionLabExtension()

@@ -204,6 +204,16 @@ def invert(model, latent_image: torch.Tensor, positive, negative=None, cfg: floa
     The noise latent is what KSamplerAdvanced (add_noise disable, same steps and
     scheduler, euler/ddim, start 0) denoises back to the image. Images do not
     interact: the UNet sees them as a batch, as a KSampler batch.
+
+    Where the clean latent sits: at σ = 0, the end of every ComfyUI sampling
+    schedule, so the first ddim step runs from σ = 0 to the schedule's lowest σ
+    (ddim_uniform: timestep 1, σ ≈ 0.041 on SD's schedule). The authors' diffusers
+    DDIM scheduler (set_alpha_to_one=False: null-text inversion, StyleAligned's
+    inversion.py) puts it at ᾱ[0] instead (timestep 0, σ ≈ 0.029), so their first
+    step is 0.029 → 0.041; the model calls and every later step are the same. The
+    pack follows ComfyUI because a reconstruction through stock KSampler /
+    KSamplerAdvanced ends at σ = 0: an inversion starting elsewhere would not
+    meet it there. (ddim_invert accepts a schedule that starts at ᾱ[0].)
     """
     if method not in METHODS:
         raise ValueError(f"{node}: method: expected one of {METHODS}, got {method!r}")
@@ -269,7 +279,9 @@ class DDIMInvert(io.ComfyNode):
                 "Inverts encoded images into the noise the model would turn back into them, and records the "
                 "whole trajectory (INVERSION) for replay and for the pack's real-image nodes. Reconstruct with "
                 "KSamplerAdvanced (add_noise disable, same steps and scheduler, sampler euler or ddim) or with "
-                "InversionReplay (exact for ddpm). SD1.x, SD2.x (v-prediction too) and SDXL; not flow models."
+                "InversionReplay (exact for ddpm). The clean latent sits at σ = 0, where ComfyUI's samplers end "
+                "(the authors' diffusers scheduler puts it at ᾱ[0], σ ≈ 0.029: only the first step differs). "
+                "SD1.x, SD2.x (v-prediction too) and SDXL; not flow models."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to invert with; its patches (e.g. LoRA, attention) apply."),

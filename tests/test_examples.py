@@ -28,3 +28,30 @@ def test_example_executes(host, path):
     assert images, f"{path.name} saved no image"
     for img in images:
         assert (host.output_dir / img["subfolder"] / img["filename"]).is_file()
+
+
+def _prompts_and_images(workflow: dict) -> tuple[list[str], list[str]]:
+    prompts = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "CLIPTextEncode"]
+    images = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "LoadImage"]
+    return prompts, images
+
+
+@pytest.mark.parametrize("name", ["invert_reconstruct.json"])
+def test_example_input_is_the_world_scene_its_prompt_describes(name):
+    """The image a reconstruction example inverts is a demo-world scene (the detectors are exact on renders) and
+    its prompt names exactly what is in it: any other image starts from the VAE's failure, not the inversion's."""
+    import numpy as np
+    from PIL import Image
+
+    from attention_lab.demo import detect, world
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    prompts, images = _prompts_and_images(json.loads((root / name).read_text()))
+    assert len(images) == 1, images
+    pixels = np.asarray(Image.open(root / "inputs" / images[0]).convert("RGB"))
+    found = detect.detect(pixels)
+    described = [world.parse_caption(p) for p in prompts if p.strip()]
+    objects, style, background = described[0]
+    assert len(described) == 1, prompts
+    assert sorted((o.color, o.shape) for o in found.objects) == sorted(objects), (found.objects, prompts)
+    assert (found.style, found.background_color) == (style, background)

@@ -278,3 +278,9 @@ def test_steps_below_two_is_refused_by_the_node_schema(host):
 
     with pytest.raises(WorkflowError, match="steps"):
         host.run(prompt)
+
+
+def test_ddim_invert_states_where_the_clean_latent_sits(host):
+    """Issue 28: the pack's clean latent is at σ = 0, the authors' at ᾱ[0] (σ ≈ 0.029); the node says which."""
+    description = host.nodes.NODE_CLASS_MAPPINGS["DDIMInvert"].define_schema().description
+    assert "σ = 0" in description and "ᾱ[0]" in description and "0.029" in description, description

@@ -44,5 +44,11 @@ def test_quick_run_reports_every_section(host, tmp_path):
             assert 0 <= row["value"] <= 1, row
     psnr = [row for row in rows if "PSNR" in row["metric"]]
     assert psnr and all(row["value"] > 15 for row in psnr), psnr
+    inversion = {row["metric"]: row for row in rows if row["section"] == "DDIM inversion"}
+    assert any("DDIM inversion round trip" in m and row["baseline"] for m, row in inversion.items()), inversion
+    # the DDPM replay with its noise maps and final residual is exact: it lands on the VAE's own reconstruction
+    exact = [row for m, row in inversion.items() if "DDPM inversion replay, exact" in m]
+    assert exact and abs(exact[0]["value"] - exact[0]["baseline"]) < 0.1, inversion
+    assert any("without the final residual" in m for m in inversion), inversion
     segment = [row["metric"] for row in rows if row["section"] == "SelfAttnSegment"]
     assert sum("label ignored" in m for m in segment) == 2 and len(segment) == 4, segment

@@ -50,6 +50,11 @@ def test_server_lists_every_node_of_the_pack(host, pack, tmp_path):
         for name in ours:
             assert info[name]["category"].startswith("attention_lab/")
             assert info[name]["python_module"].startswith("custom_nodes.")
+        # a plain install: the example workflows' images are in LoadImage's list without copying anything by hand
+        offered = info["LoadImage"]["input"]["required"]["image"][0]
+        for path in (headless.REPO / "examples" / "inputs").glob("*.png"):
+            assert path.name in offered, (path.name, offered)
+            assert (base / "input" / path.name).read_bytes() == path.read_bytes()
     finally:
         server.terminate()
         try:
