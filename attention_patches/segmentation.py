@@ -66,10 +66,16 @@ def select_words(words: list[Word], requested: str) -> dict[str, tuple[int, ...]
     """Token positions of each requested word (comma-separated; an entry may be several words).
 
     Every occurrence of a word in the prompt counts. Empty `requested` gives
-    every word of the prompt except function words. Raises ValueError naming a
-    word that is not in the prompt and listing the prompt's words.
+    every word of the prompt except function words; text that names no word
+    (",,,", " , ") is refused rather than read as empty. Raises ValueError
+    naming a word that is not in the prompt and listing the prompt's words.
     """
     entries = [e.strip().lower() for e in requested.split(",") if e.strip()]
+    if requested.strip() and not any(re.search(r"\w", e) for e in entries):
+        raise ValueError(
+            f"words: {requested!r} names no word (only commas, spaces or punctuation); give comma-separated prompt "
+            "words, or leave it empty for every word of the prompt except function words"
+        )
     if not entries:
         entries = list(dict.fromkeys(w.text for w in words if w.text not in FUNCTION_WORDS))
         if not entries:

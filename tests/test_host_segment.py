@@ -152,6 +152,9 @@ def test_reading_node_errors_say_what_to_do(runs, tiny, seg, clip):
         segment(seg, record, clip, {"samples": out}, words="cat, dog")
     with pytest.raises(ValueError, match="latent: the attention record belongs to another sampling result"):
         segment(seg, record, clip, {"samples": out + 0.1})
+    with pytest.raises(ValueError, match="CrossAttnHeatmap: words: ',,,' names no word"):
+        seg.CrossAttnHeatmap.execute(record, clip, PROMPT, ",,,", torch.zeros(2, 128, 128, 3), 16, 0.6,
+                                     latent={"samples": out})
     long_prompt = ", ".join(["a cat"] * 40)  # 2 chunks of 77 tokens: not what was sampled
     with pytest.raises(ValueError, match="not the one the sampled conditioning was encoded from"):
         segment(seg, record, clip, {"samples": out}, text=long_prompt)

@@ -80,6 +80,12 @@ def test_words_are_selected_with_every_occurrence_and_defaults_skip_function_wor
     assert select_words(words, "cat basket") == {"cat basket": (2, 8)}
 
 
+@pytest.mark.parametrize("requested", [",,,", " , ", ";", ", -"])
+def test_words_that_name_no_word_are_refused_not_read_as_every_word(requested):
+    with pytest.raises(ValueError, match=r"words: .* names no word .*leave it empty for every word"):
+        select_words(merge_word_pieces(PIECES), requested)
+
+
 def test_a_word_not_in_the_prompt_is_named_with_the_prompt_words():
     with pytest.raises(ValueError, match=r"'dog' is not in the prompt; the prompt's words are: a, cat, with, sunglasses, in, basket"):
         select_words(merge_word_pieces(PIECES), "cat, dog")
