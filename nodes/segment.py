@@ -4,9 +4,8 @@
 clone and hands out the record (ATTENTION_RECORD); a sampler using that MODEL
 fills it. The reading nodes take the record plus the sampler's LATENT output:
 ComfyUI then runs them after the sampler, and the record is checked to belong
-to that very result (a record refilled by another run, or emptied because
-ComfyUI re-created the recorder while reusing a cached sampler result, gives a
-clear error instead of wrong masks). `RecordAttentionPass` makes a record of a
+to that very result (a record refilled by another run, or one its selection left
+empty, gives a clear error naming the cause instead of wrong masks). `RecordAttentionPass` makes a record of a
 real image (VAEEncode output) with one noised model pass.
 
 The math lives in attention_patches/segmentation.py; what lives here is the
@@ -16,13 +15,16 @@ model pass, and image/mask tensors in ComfyUI's layouts.
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import comfy.patcher_extension
 import comfy.sample
 import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
-from ..attention_patches.recorder import CROSS, SELF, AttentionRecorder, RecordSelection
+from ..attention_patches.recorder import CROSS, SELF, AttentionRecorder, RecordSelection, record_bytes
 from ..attention_patches.segmentation import (
     describe_labels,
     fold_repeated_context,
@@ -40,7 +42,7 @@ from ..attention_patches.segmentation import (
     word_maps,
     word_masks,
 )
-from .patching import attach_router
+from .patching import attach_router, layer_downsampling
 
 AttentionRecord = io.Custom("ATTENTION_RECORD")
 
@@ -49,13 +51,69 @@ VAE_SCALE = 8  # pixels per latent cell of SD1.x/SD2.x/SDXL VAEs
 RUN_WRAPPER_KEY = "attention_lab.recorder"
 
 
-class RecordingRun:
-    """OUTER_SAMPLE wrapper: a sampling run starts a fresh record and stamps it with its result."""
+GIB = 2**30
 
-    def __init__(self, recorder: AttentionRecorder):
-        self.recorder = recorder
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.2f} MiB"
+
+MEMORY_SHARE = 0.8  # of the free memory a record may take: the model's own activations need the rest
+
+
+def context_tokens(guider) -> int:
+    """The longest text context among a sampler's conditionings (77 per CLIP chunk), 77 if none is found."""
+    lengths = [c["cross_attn"].shape[1] for conds in (getattr(guider, "conds", None) or {}).values()
+               for c in conds if isinstance(c, dict) and getattr(c.get("cross_attn"), "ndim", 0) == 3]
+    return max(lengths, default=77)
+
+
+def check_record_fits(recorder: AttentionRecorder, halvings: dict, latent_shape, keys: int, device, node: str) -> None:
+    """Refuse, before any UNet call, a record that would not fit in the free memory of `device`.
+
+    The record keeps one float32 map per recorded (kind, grid): a self-attention map is
+    (H·W)² per image, so it grows with the fourth power of the image side (256x256 tokens:
+    16 GiB per image). The message names the input and the largest max_resolution that fits.
+    """
+    import comfy.model_management
+
+    images, latent = int(latent_shape[0]), (int(latent_shape[-2]), int(latent_shape[-1]))
+    selection = recorder.selection
+    need, maps = record_bytes(selection, halvings, latent, images, keys, recorder.chunk_elements)
+    free = comfy.model_management.get_free_memory(device)
+    if need <= MEMORY_SHARE * free:
+        return
+    fits = None
+    for h, w in sorted({g for _, g in maps}, key=lambda g: -g[0] * g[1]):
+        side = math.isqrt(h * w - 1) + 1  # the smallest max_resolution that admits an h x w grid
+        smaller = replace(selection, max_tokens=side * side)
+        if record_bytes(smaller, halvings, latent, images, keys, recorder.chunk_elements)[0] <= MEMORY_SHARE * free:
+            fits = (side, record_bytes(smaller, halvings, latent, images, keys, recorder.chunk_elements)[0])
+            break
+    largest = max(maps, key=maps.get)
+    limit = "no limit" if selection.max_tokens is None else f"{math.isqrt(selection.max_tokens)}"
+    hint = (f"max_resolution {fits[0]} ({_size(fits[1])}) fits" if fits else
+            "no max_resolution fits: use a smaller image or batch, or record fewer layers")
+    raise ValueError(
+        f"{node}: max_resolution: recording layers of up to {limit}² tokens for {images} image(s) of "
+        f"{latent[0] * VAE_SCALE}x{latent[1] * VAE_SCALE} px needs about {_size(need)} (the "
+        f"{largest[1][0]}x{largest[1][1]} {largest[0]}-attention map alone {_size(maps[largest])}), more than "
+        f"{MEMORY_SHARE:.0%} of the {_size(free)} free on {device}; {hint}."
+    )
+
+
+class RecordingRun:
+    """OUTER_SAMPLE wrapper: a sampling run checks that its record fits, starts a fresh record and
+    stamps it with its result."""
+
+    def __init__(self, recorder: AttentionRecorder, halvings: dict | None = None, node: str = "AttentionRecorder"):
+        self.recorder, self.halvings, self.node = recorder, halvings, node
 
     def __call__(self, executor, *args, **kwargs):
+        if self.halvings is not None:
+            guider = getattr(executor, "class_obj", None)
+            device = getattr(getattr(guider, "model_patcher", None), "load_device", None)
+            noise = args[0] if args else kwargs["noise"]
+            check_record_fits(self.recorder, self.halvings, noise.shape, context_tokens(guider), device, self.node)
         self.recorder.begin_run()
         result = executor(*args, **kwargs)
         self.recorder.finish_run(result)
@@ -122,19 +180,39 @@ def _named(node: str, error: ValueError) -> ValueError:
     return ValueError(str(error) if str(error).startswith(node) else f"{node}: {error}")
 
 
+def _grids(grids) -> str:
+    return ", ".join(f"{h}x{w}" for h, w in sorted(grids, key=lambda g: -g[0] * g[1]))
+
+
 def check_record(record: AttentionRecorder, latent: dict | None, node: str) -> None:
+    if record.is_empty and record.result is not None:
+        skipped = {grid for _, grid in record.skipped}
+        limit = record.selection.max_tokens
+        if skipped and limit is not None and all(h * w > limit for h, w in skipped):
+            smallest = min(skipped, key=lambda g: g[0] * g[1])
+            raise ValueError(
+                f"{node}: the attention record is empty: the sampling run recorded no layer, because the recorder's "
+                f"max_resolution ({math.isqrt(limit)}) is below every attention grid of this model at this size "
+                f"({_grids(skipped)}). Set the AttentionRecorder's (or RecordAttentionPass's) max_resolution to at "
+                f"least {max(smallest)}."
+            )
+        raise ValueError(
+            f"{node}: the attention record is empty: the sampling run recorded no layer; the recorder's selection "
+            f"(blocks, max_resolution, start/end percent) left out every attention call it saw "
+            f"({_grids(skipped) or 'none'}). Include the middle block, raise max_resolution or widen the step range."
+        )
     if record.is_empty:
         raise ValueError(
             f"{node}: the attention record is empty: no sampling with the MODEL from its AttentionRecorder has run "
-            "since the recorder was made (ComfyUI may have reused a cached sampler result: change the sampler's "
-            "seed or any input to run it again), or its layers/steps selection recorded nothing. Connect the "
-            "sampler's LATENT output to this node's latent input so that it runs after the sampler."
+            "since the recorder was made. Sample with that MODEL and connect the sampler's LATENT output to this "
+            "node's latent input, so that this node runs after the sampler."
         )
     if latent is not None and record.result is not None and not record.belongs_to(latent["samples"]):
         raise ValueError(
-            f"{node}: latent: the attention record belongs to another sampling result than the LATENT connected here "
-            "(the recorded MODEL was sampled again since, e.g. by a second sampler). Use one AttentionRecorder per "
-            "sampler and connect that sampler's LATENT output."
+            f"{node}: latent: the attention record belongs to another sampling result than the LATENT connected here: "
+            "the recorded MODEL was sampled again since (a second sampler, or a batch run that shares the recorder), "
+            "or the LATENT comes from another sampler. Use one AttentionRecorder per sampler and connect that "
+            "sampler's LATENT output."
         )
 
 
@@ -213,7 +291,8 @@ class AttentionRecorderNode(io.ComfyNode):
     def execute(cls, model, max_resolution, include_middle, start_percent, end_percent) -> io.NodeOutput:
         selection = record_selection(max_resolution, include_middle, "AttentionRecorder", start_percent, end_percent)
         patched, recorder = add_recorder(model, selection, node="AttentionRecorder")
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_KEY, RecordingRun(recorder))
+        run = RecordingRun(recorder, layer_downsampling(model, "AttentionRecorder"), "AttentionRecorder")
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_KEY, run)
         return io.NodeOutput(patched, recorder)
 
 
@@ -254,6 +333,9 @@ class RecordAttentionPass(io.ComfyNode):
         selection = record_selection(max_resolution, include_middle, "RecordAttentionPass")
         patched, recorder = add_recorder(model, selection, node="RecordAttentionPass")
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        keys = max((c[0].shape[1] for c in positive), default=77)
+        check_record_fits(recorder, layer_downsampling(model, "RecordAttentionPass"), samples.shape, keys,
+                          model.load_device, "RecordAttentionPass")
         sigma = float(model.get_model_object("model_sampling").percent_to_sigma(1.0 - strength))
         noise = comfy.sample.prepare_noise(samples, seed)
         # One Euler step from sigma to 0 is one model call; cfg 1 makes it the conditional pass alone.
