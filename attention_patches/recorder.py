@@ -254,6 +254,29 @@ class AttentionRecorder(AttentionTechnique):
             raise ValueError(f"no {kind}-attention was recorded at {grid[0]}x{grid[1]} (recorded: {have})")
         return (self._sums[key] / self._counts[key]).cpu()
 
+    def largest_grid(self, kind: str) -> Grid:
+        """The recorded grid with the most tokens: local-prompt-mixing clusters the largest grid its
+        store keeps (32² of SD1.4 at 512 px)."""
+        grids = self.grids(kind)
+        if not grids:
+            raise ValueError(f"no {kind}-attention was recorded")
+        return grids[0]
+
+    def label_grid(self, self_grid: Grid, min_side: int = 8) -> Grid:
+        """The cross-attention grid that labels segments clustered on `self_grid`, by role.
+
+        local-prompt-mixing labels 32² clusters with the 16² cross-attention, the level below.
+        That level is taken when it has at least `min_side` tokens a side; below that a grid
+        cannot place a word on an object a quarter of the image wide (the demo model's 4² level
+        under its 8² one scores AUC 0.5 against the objects, its 8² level 0.9), so the grid
+        closest to `self_grid` labels instead.
+        """
+        grids = self.grids(CROSS)
+        if not grids:
+            raise ValueError("no cross-attention was recorded")
+        below = [g for g in grids if g[0] * g[1] < self_grid[0] * self_grid[1] and min(g) >= min_side]
+        return below[0] if below else self.closest_grid(CROSS, math.isqrt(self_grid[0] * self_grid[1]))
+
     def closest_grid(self, kind: str, side: int) -> Grid:
         """The recorded grid closest to side×side, by ratio of token counts (ties: the larger)."""
         grids = self.grids(kind)

@@ -222,20 +222,38 @@ def describe_labels(segment_labels: list[SegmentLabel]) -> str:
 def pca_rgb(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """The first three principal components of per-token features `[HW, D]` as RGB `[h, w, 3]` in [0, 1].
 
-    Each component is min-max scaled on its own (Plug-and-Play's
-    visualisation); the sign of a component is fixed so its largest loading is
-    positive, which makes the colours deterministic.
+    Each component is min-max scaled on its own (Plug-and-Play's visualisation). Its sign is
+    chosen so that the tokens far from the bulk are bright (the component's mean lies above its
+    median: a right-skewed component): objects covering a minority of the image come out light on
+    a dark background, whichever way the SVD happened to point, which also makes the colours
+    deterministic.
     """
     x = features.double()
     x = x - x.mean(0, keepdim=True)
     vh = torch.linalg.svd(x, full_matrices=False).Vh
     components = min(3, vh.shape[0])
-    signs = torch.sign(vh[:components].gather(1, vh[:components].abs().argmax(1, keepdim=True))).squeeze(1)
-    projected = x @ (vh[:components] * signs[:, None]).T
+    projected = x @ vh[:components].T
+    signs = torch.where(projected.mean(0) >= projected.median(0).values, 1.0, -1.0).to(projected)
+    projected = projected * signs
     rgb = torch.zeros(x.shape[0], 3, dtype=torch.float64)
     low, high = projected.min(0).values, projected.max(0).values
     rgb[:, :components] = (projected - low) / (high - low).clamp_min(1e-12)
     return rgb.reshape(*grid, 3).float()
+
+
+def first_component_auc(features: torch.Tensor, grid: tuple[int, int], mask: np.ndarray) -> float:
+    """How well the first principal component (as `pca_rgb` orients it, bilinearly enlarged to the
+    mask's size) tells the mask's pixels from the rest: ROC AUC, 1 = every masked pixel brighter,
+    0.5 = chance, below 0.5 = the mask is the dark side."""
+    pc1 = pca_rgb(features, grid)[..., 0]
+    big = F.interpolate(pc1[None, None], size=mask.shape, mode="bilinear", align_corners=False)[0, 0].numpy().ravel()
+    inside = np.asarray(mask, dtype=bool).ravel()
+    if inside.all() or not inside.any():
+        raise ValueError("the mask must hold both object and background pixels")
+    ranks = np.empty(len(big))
+    ranks[np.argsort(big, kind="stable")] = np.arange(1, len(big) + 1)
+    positives = int(inside.sum())
+    return float((ranks[inside].sum() - positives * (positives + 1) / 2) / (positives * (len(big) - positives)))
 
 
 # -- pictures --------------------------------------------------------------------

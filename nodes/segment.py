@@ -34,7 +34,6 @@ from ..attention_patches.segmentation import (
     merge_word_pieces,
     min_max,
     pca_rgb,
-    resize_map,
     segment_masks,
     segment_preview,
     select_words,
@@ -90,11 +89,12 @@ def check_record_fits(recorder: AttentionRecorder, halvings: dict, latent_shape,
             fits = (side, record_bytes(smaller, halvings, latent, images, keys, recorder.chunk_elements)[0])
             break
     largest = max(maps, key=maps.get)
-    limit = "no limit" if selection.max_tokens is None else f"{math.isqrt(selection.max_tokens)}"
+    setting = "0, auto" if selection.max_tokens is None else str(math.isqrt(selection.max_tokens))
     hint = (f"max_resolution {fits[0]} ({_size(fits[1])}) fits" if fits else
             "no max_resolution fits: use a smaller image or batch, or record fewer layers")
     raise ValueError(
-        f"{node}: max_resolution: recording layers of up to {limit}² tokens for {images} image(s) of "
+        f"{node}: max_resolution: recording the {_grids({g for _, g in maps})} attention maps (max_resolution "
+        f"{setting}) for {images} image(s) of "
         f"{latent[0] * VAE_SCALE}x{latent[1] * VAE_SCALE} px needs about {_size(need)} (the "
         f"{largest[1][0]}x{largest[1][1]} {largest[0]}-attention map alone {_size(maps[largest])}), more than "
         f"{MEMORY_SHARE:.0%} of the {_size(free)} free on {device}; {hint}."
@@ -131,14 +131,28 @@ def add_recorder(model, selection: RecordSelection, node: str):
 
 
 def record_selection(max_resolution: int, include_middle: bool, node: str, start: float = 0.0,
-                     end: float = 1.0) -> RecordSelection:
+                     end: float = 1.0, halvings: dict | None = None) -> RecordSelection:
     """The recorder nodes' widgets as a RecordSelection: the paper's encoder and decoder blocks (and the
-    middle one if asked), layers of at most max_resolution² tokens, steps from start to end."""
+    middle one if asked), steps from start to end, and the layers max_resolution picks.
+
+    max_resolution N > 0 keeps layers of at most N² tokens. 0 (auto, the default) applies the
+    paper's rule by role instead of by token count: local-prompt-mixing stores layers of at most
+    32² tokens of SD1.4 at 512 px, which is every attention level but the highest (64²). Auto keeps
+    every encoder and decoder level below the highest (`halvings`: see patching.layer_downsampling):
+    32² and 16² of SD1.5 at 512 px (the paper's), 32² of SDXL at 1024 px, 8² and 4² of the demo
+    model at 128 px, whose 16² level is near-uniform attention (an object's tokens give their own
+    object 1.1-2x the uniform share there, 5x at 8²), so a 32² limit would cluster noise.
+    """
+    blocks = frozenset({"input", "output", "middle"} if include_middle else {"input", "output"})
     try:
-        return RecordSelection(
-            blocks=frozenset({"input", "output", "middle"} if include_middle else {"input", "output"}),
-            max_tokens=max_resolution * max_resolution, start=start, end=end,
-        )
+        if max_resolution == 0:
+            top = min(h for layer, h in halvings.items() if layer[0] != "middle")
+            layers = frozenset(layer for layer, h in halvings.items()
+                               if (layer[0] != "middle" and h > top) or (layer[0] == "middle" and include_middle))
+            if not any(layer[0] != "middle" for layer in layers):  # one attention level only: keep it
+                layers = frozenset(layer for layer in halvings if layer[0] in blocks)
+            return RecordSelection(layers=layers, max_tokens=None, start=start, end=end)
+        return RecordSelection(blocks=blocks, max_tokens=max_resolution * max_resolution, start=start, end=end)
     except ValueError as error:
         raise _named(node, error) from error
 
@@ -232,12 +246,33 @@ def image_for(image, index: int, images: int, node: str):
     return image[index if image.shape[0] == images else 0]
 
 
-def recorded_maps(record: AttentionRecorder, kind: str, side: int, node: str):
+def recorded_maps(record: AttentionRecorder, kind: str, side: int, node: str, self_grid=None):
+    """The grid and mean maps of `kind` at the recorded grid closest to side² tokens; side 0 is auto:
+    the largest recorded grid for self-attention, `AttentionRecorder.label_grid` for cross-attention."""
     try:
-        grid = record.closest_grid(kind, side)
+        if side:
+            grid = record.closest_grid(kind, side)
+        elif kind == SELF:
+            grid = record.largest_grid(SELF)
+        else:
+            anchor = self_grid or (record.largest_grid(SELF) if record.grids(SELF) else record.largest_grid(CROSS))
+            grid = record.label_grid(anchor)
         return grid, record.mean(kind, grid)
     except ValueError as error:
         raise _named(node, error) from error
+
+
+MAX_RESOLUTION_TOOLTIP = (
+    "0 (auto): the paper's layers by role, every encoder and decoder attention level but the highest (32² and 16² "
+    "of SD1.5 at 512 px as in the paper, 32² of SDXL at 1024 px, 8² and 4² of the demo model at 128 px). N: layers "
+    "of at most N² tokens. A self-attention map takes (tokens)² floats per image: the node refuses sizes that do "
+    "not fit in memory before sampling."
+)
+AUTO_SELF_TOOLTIP = ("0 (auto): the largest recorded grid (the paper: 32², the largest its store keeps; the demo model "
+                     "at 128 px: 8²). N: the recorded grid closest to N² tokens.")
+AUTO_CROSS_TOOLTIP = ("0 (auto): the recorded grid one level below the self-attention grid, as the paper's 16² under 32², "
+                      "unless that level has under 8 tokens a side (too coarse to place a word on an object; the demo "
+                      "model's 4²), then the self-attention grid's own level. N: the recorded grid closest to N² tokens.")
 
 
 WORDS_TOOLTIP = (
@@ -267,11 +302,7 @@ class AttentionRecorderNode(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with (SD1.x, SD2.x, SDXL)."),
-                io.Int.Input(
-                    "max_resolution", default=32, min=1, max=256,
-                    tooltip="Record layers whose token grid has at most max_resolution² tokens (the paper: 32², "
-                            "i.e. 16², 32² on SD1.5 at 512 px and 32² on SDXL at 1024 px). Larger costs time and memory.",
-                ),
+                io.Int.Input("max_resolution", default=0, min=0, max=256, tooltip=MAX_RESOLUTION_TOOLTIP),
                 io.Boolean.Input(
                     "include_middle", default=False,
                     tooltip="Also record the middle block. The paper averages the encoder (down) and decoder (up) blocks only.",
@@ -289,9 +320,11 @@ class AttentionRecorderNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, max_resolution, include_middle, start_percent, end_percent) -> io.NodeOutput:
-        selection = record_selection(max_resolution, include_middle, "AttentionRecorder", start_percent, end_percent)
+        halvings = layer_downsampling(model, "AttentionRecorder")
+        selection = record_selection(max_resolution, include_middle, "AttentionRecorder", start_percent, end_percent,
+                                     halvings)
         patched, recorder = add_recorder(model, selection, node="AttentionRecorder")
-        run = RecordingRun(recorder, layer_downsampling(model, "AttentionRecorder"), "AttentionRecorder")
+        run = RecordingRun(recorder, halvings, "AttentionRecorder")
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_KEY, run)
         return io.NodeOutput(patched, recorder)
 
@@ -317,8 +350,7 @@ class RecordAttentionPass(io.ComfyNode):
                                tooltip="Noise level of the pass as a fraction of the schedule (1 = pure noise). "
                                        "Low keeps the maps on the image's exact layout; high gives the model more say."),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Seed of the added noise."),
-                io.Int.Input("max_resolution", default=32, min=1, max=256,
-                             tooltip="Record layers whose token grid has at most max_resolution² tokens (the paper: 32²)."),
+                io.Int.Input("max_resolution", default=0, min=0, max=256, tooltip=MAX_RESOLUTION_TOOLTIP),
                 io.Boolean.Input("include_middle", default=False,
                                  tooltip="Also record the middle block (the paper: encoder and decoder blocks only)."),
             ],
@@ -330,11 +362,12 @@ class RecordAttentionPass(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent, strength, seed, max_resolution, include_middle) -> io.NodeOutput:
-        selection = record_selection(max_resolution, include_middle, "RecordAttentionPass")
+        halvings = layer_downsampling(model, "RecordAttentionPass")
+        selection = record_selection(max_resolution, include_middle, "RecordAttentionPass", halvings=halvings)
         patched, recorder = add_recorder(model, selection, node="RecordAttentionPass")
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         keys = max((c[0].shape[1] for c in positive), default=77)
-        check_record_fits(recorder, layer_downsampling(model, "RecordAttentionPass"), samples.shape, keys,
+        check_record_fits(recorder, halvings, samples.shape, keys,
                           model.load_device, "RecordAttentionPass")
         sigma = float(model.get_model_object("model_sampling").percent_to_sigma(1.0 - strength))
         noise = comfy.sample.prepare_noise(samples, seed)
@@ -363,10 +396,10 @@ class SelfAttnSegment(io.ComfyNode):
                 io.String.Input("text", multiline=True, tooltip=TEXT_TOOLTIP),
                 io.String.Input("words", default="", tooltip=WORDS_TOOLTIP + " These are the candidate labels and the word masks."),
                 io.Int.Input("segments", default=5, min=1, max=64, tooltip="Number of KMeans clusters (the paper: 5)."),
-                io.Int.Input("resolution", default=32, min=1, max=256,
-                             tooltip="Self-attention grid to cluster: the recorded one closest to resolution² tokens (the paper: 32²)."),
-                io.Int.Input("label_resolution", default=16, min=1, max=256,
-                             tooltip="Cross-attention grid for the labels: the recorded one closest to label_resolution² (the paper: 16²)."),
+                io.Int.Input("resolution", default=0, min=0, max=256,
+                             tooltip="Self-attention grid to cluster. " + AUTO_SELF_TOOLTIP),
+                io.Int.Input("label_resolution", default=0, min=0, max=256,
+                             tooltip="Cross-attention grid that labels the segments. " + AUTO_CROSS_TOOLTIP),
                 io.Float.Input("threshold", default=0.35, min=0.0, max=1.0, step=0.01,
                                tooltip="A segment whose best word scores at most this is background (the paper: 0.35)."),
                 io.Int.Input("seed", default=1, min=0, max=2**31 - 1, tooltip="KMeans seed (the paper: 1); n_init is 10."),
@@ -394,7 +427,7 @@ class SelfAttnSegment(io.ComfyNode):
         except ValueError as error:
             raise _named(node, error) from error
         self_grid, self_maps = recorded_maps(record, SELF, resolution, node)
-        cross_grid, cross_maps = recorded_maps(record, CROSS, label_resolution, node)
+        cross_grid, cross_maps = recorded_maps(record, CROSS, label_resolution, node, self_grid)
         size = image_size(record, image, latent)
         all_masks, all_word_masks, texts, previews = [], [], [], []
         try:
@@ -431,8 +464,9 @@ class CrossAttnHeatmap(io.ComfyNode):
                 io.String.Input("text", multiline=True, tooltip=TEXT_TOOLTIP),
                 io.String.Input("words", default="", tooltip=WORDS_TOOLTIP),
                 io.Image.Input("image", tooltip="The decoded image to draw the maps over (it also orders this node after the sampler)."),
-                io.Int.Input("resolution", default=16, min=1, max=256,
-                             tooltip="Cross-attention grid: the recorded one closest to resolution² tokens (16² as in Prompt-to-Prompt)."),
+                io.Int.Input("resolution", default=0, min=0, max=256,
+                             tooltip="Cross-attention grid (16² on SD1.5 at 512 px, as in Prompt-to-Prompt). "
+                                     + AUTO_CROSS_TOOLTIP),
                 io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05, tooltip="Opacity of the heat colours over the image."),
                 io.Latent.Input("latent", optional=True, tooltip=LATENT_TOOLTIP),
             ],
@@ -475,12 +509,12 @@ class SelfAttnPCA(io.ComfyNode):
             description=(
                 "The first three principal components of the self-attention features (each token's averaged "
                 "attention row) as red, green and blue, as in Plug-and-Play's feature visualisations: regions the "
-                "model treats as one part share a colour."
+                "model treats as one part share a colour. Each component is oriented so that the minority of tokens "
+                "far from the bulk is bright: the first one (red) lights up the objects against the background."
             ),
             inputs=[
                 AttentionRecord.Input("record", tooltip="From AttentionRecorder (after sampling) or RecordAttentionPass."),
-                io.Int.Input("resolution", default=32, min=1, max=256,
-                             tooltip="Self-attention grid: the recorded one closest to resolution² tokens."),
+                io.Int.Input("resolution", default=0, min=0, max=256, tooltip="Self-attention grid. " + AUTO_SELF_TOOLTIP),
                 io.Latent.Input("latent", optional=True, tooltip=LATENT_TOOLTIP),
                 io.Image.Input("image", optional=True, tooltip="Only its size is used (without it: the latent's size × 8)."),
             ],
@@ -493,8 +527,10 @@ class SelfAttnPCA(io.ComfyNode):
         check_record(record, latent, node)
         grid, self_maps = recorded_maps(record, SELF, resolution, node)
         size = image_size(record, image, latent)
+        # bilinear: the grid is coarse (8² on the demo model) and nearest cells would hide the shapes
         pictures = [
-            torch.stack([resize_map(channel, size) for channel in pca_rgb(features, grid).unbind(-1)], -1)
+            F.interpolate(pca_rgb(features, grid).permute(2, 0, 1)[None], size=size, mode="bilinear",
+                          align_corners=False)[0].permute(1, 2, 0).clamp(0, 1)
             for features in self_maps
         ]
         return io.NodeOutput(torch.stack(pictures))

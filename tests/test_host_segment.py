@@ -212,7 +212,7 @@ def test_a_record_that_cannot_fit_is_refused_before_sampling(tiny, seg, clip, mo
     calls = []
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 200_000)
     patched.set_model_unet_function_wrapper(lambda apply, c: calls.append(1) or apply(c["input"], c["timestep"], **c["c"]))
-    with pytest.raises(ValueError, match=r"AttentionRecorder: max_resolution: recording layers of up to 32² tokens "
+    with pytest.raises(ValueError, match=r"AttentionRecorder: max_resolution: recording the 16x16, 8x8, 4x4 attention maps \(max_resolution 32\) "
                                          r"for 2 image\(s\) of 128x128 px needs about .*the 16x16 self-attention map .*"
                                          r"max_resolution 8 \(0.12 MiB\) fits"):
         sample(patched, positive, negative)
@@ -231,3 +231,21 @@ def test_an_empty_record_names_max_resolution_as_the_cause(tiny, seg, clip):
                                          r".* max_resolution to at least 2") as refused:
         segment(seg, record, clip, {"samples": out})
     assert "cached" not in str(refused.value)
+
+
+def test_auto_records_every_level_but_the_highest_and_reads_by_role(tiny, seg, clip):
+    # the paper stores SD1.4's 32² and 16² levels at 512 px, not its highest (64²); on this
+    # SD1.5-shaped UNet at 128 px that is 8² and 4², and the 8² level labels (4² is too coarse)
+    model = tiny.sd15_unet(seed=3)
+    patched, record = recorded(seg, model, max_resolution=0)
+    out = {"samples": sample(patched, encode(clip, PROMPT), encode(clip, ""), batch=1)}
+    assert record.grids("self") == [(8, 8), (4, 4)] and record.grids("cross") == [(8, 8), (4, 4)]
+    assert record.label_grid((8, 8)) == (8, 8)
+    masks, _, labels, _ = seg.SelfAttnSegment.execute(record, clip, PROMPT, "cat, basket", 3, 0, 0, 0.35, 1,
+                                                      latent=out).args
+    assert masks.shape == (3, 128, 128) and torch.equal(masks.sum(0), torch.ones(128, 128))
+    (pca,) = seg.SelfAttnPCA.execute(record, 0, latent=out).args
+    assert pca.shape == (1, 128, 128, 3)
+    heat, maps = seg.CrossAttnHeatmap.execute(record, clip, PROMPT, "cat", torch.zeros(1, 128, 128, 3), 0, 0.6,
+                                              latent=out).args
+    assert maps.shape == (1, 128, 128)

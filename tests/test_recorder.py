@@ -238,3 +238,17 @@ def test_record_size_is_known_before_sampling():
     assert sorted(maps) == [(CROSS, (16, 16)), (CROSS, (32, 32)), (SELF, (16, 16)), (SELF, (32, 32))]
     assert maps[(SELF, (32, 32))] == 2 * 1024 ** 2 * 4 and total < 32 * 2**20
     assert halved_grid((17, 9), 2) == (5, 3)  # stride-2 convolutions round up
+
+
+def test_segments_are_labelled_one_level_below_unless_that_level_is_too_coarse():
+    recorder = AttentionRecorder(RecordSelection(max_tokens=None))
+    router = AttentionRouter(LAYERS, attention=sdpa_attention)
+    router.add(recorder)
+    for hw in [(32, 32), (16, 16), (8, 8), (4, 4)]:
+        n = hw[0] * hw[1]
+        for is_self, keys in ((True, n), (False, 77)):
+            router.patch_for(("output", 3, 0), is_self)(*tensors(1, queries=n, keys=keys), options(1, hw=hw, cond_or_uncond=(0,)))
+    assert recorder.largest_grid(SELF) == (32, 32)
+    assert recorder.label_grid((32, 32)) == (16, 16)  # the paper: 16² cross-attention under 32² clusters
+    assert recorder.label_grid((16, 16)) == (8, 8)
+    assert recorder.label_grid((8, 8)) == (8, 8)  # 4² would put a quarter-image object in one or two cells
