@@ -45,4 +45,5 @@ def test_quick_run_reports_every_section(host, tmp_path):
     psnr = [row for row in rows if "PSNR" in row["metric"]]
     assert psnr and all(row["value"] > 15 for row in psnr), psnr
     segment = [row["metric"] for row in rows if row["section"] == "SelfAttnSegment"]
-    assert sum("label ignored" in m for m in segment) == 2 and len(segment) == 4, segment
+    assert sum("label ignored" in m for m in segment) == 2 and len(segment) == 8, segment
+    assert sum("labelled with its noun" in m for m in segment) == 2 and sum("first component AUC" in m for m in segment) == 2
