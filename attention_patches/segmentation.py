@@ -267,7 +267,6 @@ PALETTE = np.array([
 def segment_preview(labels_big: torch.Tensor, segment_labels: list[SegmentLabel], image: torch.Tensor | None = None) -> torch.Tensor:
     """A coloured segment map `[H, W, 3]` in [0, 1], blended over `image` if given, with the labels written on it."""
     from PIL import Image, ImageDraw, ImageFont
-    from scipy.ndimage import distance_transform_edt
 
     ids = labels_big.long().numpy()
     colours = PALETTE[ids % len(PALETTE)]
@@ -276,20 +275,48 @@ def segment_preview(labels_big: torch.Tensor, segment_labels: list[SegmentLabel]
     picture = Image.fromarray((colours * 255).round().clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default()
+
+    def size_of(text):
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    for text, box in place_labels(ids, segment_labels, size_of):
+        left, top = draw.textbbox((0, 0), text, font=font)[:2]
+        draw.rectangle(box, fill=(0, 0, 0))
+        draw.text((box[0] + 1 - left, box[1] + 1 - top), text, fill=(255, 255, 255), font=font)
+    return torch.from_numpy(np.asarray(picture).astype(np.float32) / 255.0)
+
+
+def place_labels(ids: np.ndarray, segment_labels: list[SegmentLabel], size_of) -> list[tuple[str, tuple]]:
+    """Where `segment_preview` writes each segment's label: (text, box (x0, y0, x1, y1) with a 1-pixel margin).
+
+    A label goes at its segment's deepest pixel (farthest from the segment's border: on the
+    segment even when it is scattered), or at the deepest one whose box keeps clear of the labels
+    placed before it; `size_of(text)` gives the text's (width, height).
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    placed = []
     for label in segment_labels:
         inside = ids == label.segment
         if not inside.any():
             continue
-        # write at the segment's deepest pixel (farthest from its border): on the segment even
-        # when it is scattered, and away from the other segments' labels
-        cy, cx = np.unravel_index(np.argmax(distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]), inside.shape)
         text = f"{label.word} {label.score:.2f}" if label.word != BACKGROUND else BACKGROUND
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        x = int(np.clip(cx - (right - left) // 2, 0, max(0, ids.shape[1] - (right - left))))
-        y = int(np.clip(cy - (bottom - top) // 2, 0, max(0, ids.shape[0] - (bottom - top))))
-        draw.rectangle((x - 1, y - 1, x + right - left + 1, y + bottom - top + 1), fill=(0, 0, 0))
-        draw.text((x - left, y - top), text, fill=(255, 255, 255), font=font)
-    return torch.from_numpy(np.asarray(picture).astype(np.float32) / 255.0)
+        width, height = size_of(text)
+        depth = distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
+        box = None
+        for flat in np.argsort(-depth, axis=None, kind="stable")[: int(inside.sum())]:
+            cy, cx = np.unravel_index(flat, inside.shape)
+            x = int(np.clip(cx - width // 2, 0, max(0, ids.shape[1] - width)))
+            y = int(np.clip(cy - height // 2, 0, max(0, ids.shape[0] - height)))
+            candidate = (x - 1, y - 1, x + width + 1, y + height + 1)
+            box = box or candidate
+            if not any(candidate[0] < b[2] and b[0] < candidate[2] and candidate[1] < b[3] and b[1] < candidate[3]
+                       for _, b in placed):
+                box = candidate
+                break
+        placed.append((text, box))
+    return placed
 
 
 def heat_colours(m: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from attention_lab.attention_patches.segmentation import (
     merge_word_pieces,
     normalise_word_map,
     pca_rgb,
+    place_labels,
     resize_map,
     segment_masks,
     segment_preview,
@@ -167,6 +168,25 @@ def test_preview_draws_every_segment():
     assert plain.shape == over.shape == (64, 64, 3) and 0 <= float(plain.min()) and float(plain.max()) <= 1
     assert (plain > 0.9).all(-1).any()  # white label text was drawn (no palette colour is that light)
     assert not torch.equal(plain, over)
+
+
+def test_preview_labels_do_not_cover_each_other():
+    # four thin background bands and a square: every label's deepest pixel is on the same middle rows
+    labels = torch.zeros(128, 128, dtype=torch.long)
+    for band in range(4):
+        labels[:, band * 24:(band + 1) * 24] = band
+    labels[:, 96:] = 3
+    labels[48:80, 100:124] = 4
+    from attention_lab.attention_patches.segmentation import SegmentLabel
+
+    names = [SegmentLabel(s, BACKGROUND, 0.1) for s in range(4)] + [SegmentLabel(4, "square", 0.8)]
+    placed = place_labels(labels.numpy(), names, lambda text: (6 * len(text), 10))
+    assert [text for text, _ in placed] == [BACKGROUND] * 4 + ["square 0.80"]
+    for i, (_, a) in enumerate(placed):
+        assert 0 <= a[0] + 1 and a[2] - 1 <= 128 and 0 <= a[1] + 1 and a[3] - 1 <= 128
+        for _, b in placed[:i]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    assert segment_preview(labels, names).shape == (128, 128, 3)
 
 
 def test_planted_attention_through_the_recorder():
