@@ -6,6 +6,19 @@ looks; tokens of one object look alike), then each cluster is labelled with
 the prompt word whose normalised cross-attention map is highest on average
 over the cluster, or background when no word reaches the threshold.
 
+As the authors' code: 5 clusters, n_init 10, seed 1, the noun map normalised as
+`(m − |min m|) / max m`, enlarged by repetition onto the cluster grid, a segment's
+score the mean over it, background at a best score of at most 0.35. Which maps
+are read is chosen by role, not by token count (nodes/segment.py): the authors
+cluster the largest self-attention grid their store keeps (32² of SD1.4 at 512
+px: every level but the highest) and label with the level below (16²). On the
+demo model at 128 px those roles are 8² and 4²; its 4² maps are too coarse to
+place a word on an object (AUC 0.5 against the objects, 8²: 0.9), so the label
+grid falls back to the cluster grid there. Measured limit on the demo model:
+objects span two or three 8² cells and its 16² self-attention is near-uniform,
+so the best union of KMeans segments reaches about 0.5 IoU per object
+(benchmarks/quality.py reports the word masks' mIoU and the label rate).
+
 Plain torch/numpy/scikit-learn/PIL; the token↔word mapping of a real tokenizer
 is done by the caller, which passes each word's token positions.
 """

@@ -388,13 +388,17 @@ class SelfAttnSegment(io.ComfyNode):
             description=(
                 "Cuts the image into labelled segments from its attention maps (local-prompt-mixing): KMeans on the "
                 "rows of the averaged self-attention map, each segment labelled with the prompt word whose "
-                "normalised cross-attention is highest on it, or background below the threshold."
+                "normalised cross-attention is highest on it, or background below the threshold. Grids are picked "
+                "by role (0 = auto): the paper's 32² clusters and 16² labels on SD1.5 at 512 px, 8² and 8² on the "
+                "demo model at 128 px."
             ),
             inputs=[
                 AttentionRecord.Input("record", tooltip="From AttentionRecorder (after sampling) or RecordAttentionPass."),
                 io.Clip.Input("clip", tooltip=CLIP_TOOLTIP),
                 io.String.Input("text", multiline=True, tooltip=TEXT_TOOLTIP),
-                io.String.Input("words", default="", tooltip=WORDS_TOOLTIP + " These are the candidate labels and the word masks."),
+                io.String.Input("words", default="", tooltip=WORDS_TOOLTIP + " These are the candidate labels and the word "
+                                "masks. The paper offers the prompt's nouns: name the objects ('circle, square'); a "
+                                "segment no word scores above the threshold is background anyway."),
                 io.Int.Input("segments", default=5, min=1, max=64, tooltip="Number of KMeans clusters (the paper: 5)."),
                 io.Int.Input("resolution", default=0, min=0, max=256,
                              tooltip="Self-attention grid to cluster. " + AUTO_SELF_TOOLTIP),
