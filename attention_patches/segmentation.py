@@ -6,6 +6,19 @@ looks; tokens of one object look alike), then each cluster is labelled with
 the prompt word whose normalised cross-attention map is highest on average
 over the cluster, or background when no word reaches the threshold.
 
+As the authors' code: 5 clusters, n_init 10, seed 1, the noun map normalised as
+`(m − |min m|) / max m`, enlarged by repetition onto the cluster grid, a segment's
+score the mean over it, background at a best score of at most 0.35. Which maps
+are read is chosen by role, not by token count (nodes/segment.py): the authors
+cluster the largest self-attention grid their store keeps (32² of SD1.4 at 512
+px: every level but the highest) and label with the level below (16²). On the
+demo model at 128 px those roles are 8² and 4²; its 4² maps are too coarse to
+place a word on an object (AUC 0.5 against the objects, 8²: 0.9), so the label
+grid falls back to the cluster grid there. Measured limit on the demo model:
+objects span two or three 8² cells and its 16² self-attention is near-uniform,
+so the best union of KMeans segments reaches about 0.5 IoU per object
+(benchmarks/quality.py reports the word masks' mIoU and the label rate).
+
 Plain torch/numpy/scikit-learn/PIL; the token↔word mapping of a real tokenizer
 is done by the caller, which passes each word's token positions.
 """
@@ -66,10 +79,16 @@ def select_words(words: list[Word], requested: str) -> dict[str, tuple[int, ...]
     """Token positions of each requested word (comma-separated; an entry may be several words).
 
     Every occurrence of a word in the prompt counts. Empty `requested` gives
-    every word of the prompt except function words. Raises ValueError naming a
-    word that is not in the prompt and listing the prompt's words.
+    every word of the prompt except function words; text that names no word
+    (",,,", " , ") is refused rather than read as empty. Raises ValueError
+    naming a word that is not in the prompt and listing the prompt's words.
     """
     entries = [e.strip().lower() for e in requested.split(",") if e.strip()]
+    if requested.strip() and not any(re.search(r"\w", e) for e in entries):
+        raise ValueError(
+            f"words: {requested!r} names no word (only commas, spaces or punctuation); give comma-separated prompt "
+            "words, or leave it empty for every word of the prompt except function words"
+        )
     if not entries:
         entries = list(dict.fromkeys(w.text for w in words if w.text not in FUNCTION_WORDS))
         if not entries:
@@ -216,20 +235,38 @@ def describe_labels(segment_labels: list[SegmentLabel]) -> str:
 def pca_rgb(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """The first three principal components of per-token features `[HW, D]` as RGB `[h, w, 3]` in [0, 1].
 
-    Each component is min-max scaled on its own (Plug-and-Play's
-    visualisation); the sign of a component is fixed so its largest loading is
-    positive, which makes the colours deterministic.
+    Each component is min-max scaled on its own (Plug-and-Play's visualisation). Its sign is
+    chosen so that the tokens far from the bulk are bright (the component's mean lies above its
+    median: a right-skewed component): objects covering a minority of the image come out light on
+    a dark background, whichever way the SVD happened to point, which also makes the colours
+    deterministic.
     """
     x = features.double()
     x = x - x.mean(0, keepdim=True)
     vh = torch.linalg.svd(x, full_matrices=False).Vh
     components = min(3, vh.shape[0])
-    signs = torch.sign(vh[:components].gather(1, vh[:components].abs().argmax(1, keepdim=True))).squeeze(1)
-    projected = x @ (vh[:components] * signs[:, None]).T
+    projected = x @ vh[:components].T
+    signs = torch.where(projected.mean(0) >= projected.median(0).values, 1.0, -1.0).to(projected)
+    projected = projected * signs
     rgb = torch.zeros(x.shape[0], 3, dtype=torch.float64)
     low, high = projected.min(0).values, projected.max(0).values
     rgb[:, :components] = (projected - low) / (high - low).clamp_min(1e-12)
     return rgb.reshape(*grid, 3).float()
+
+
+def first_component_auc(features: torch.Tensor, grid: tuple[int, int], mask: np.ndarray) -> float:
+    """How well the first principal component (as `pca_rgb` orients it, bilinearly enlarged to the
+    mask's size) tells the mask's pixels from the rest: ROC AUC, 1 = every masked pixel brighter,
+    0.5 = chance, below 0.5 = the mask is the dark side."""
+    pc1 = pca_rgb(features, grid)[..., 0]
+    big = F.interpolate(pc1[None, None], size=mask.shape, mode="bilinear", align_corners=False)[0, 0].numpy().ravel()
+    inside = np.asarray(mask, dtype=bool).ravel()
+    if inside.all() or not inside.any():
+        raise ValueError("the mask must hold both object and background pixels")
+    ranks = np.empty(len(big))
+    ranks[np.argsort(big, kind="stable")] = np.arange(1, len(big) + 1)
+    positives = int(inside.sum())
+    return float((ranks[inside].sum() - positives * (positives + 1) / 2) / (positives * (len(big) - positives)))
 
 
 # -- pictures --------------------------------------------------------------------
@@ -243,7 +280,6 @@ PALETTE = np.array([
 def segment_preview(labels_big: torch.Tensor, segment_labels: list[SegmentLabel], image: torch.Tensor | None = None) -> torch.Tensor:
     """A coloured segment map `[H, W, 3]` in [0, 1], blended over `image` if given, with the labels written on it."""
     from PIL import Image, ImageDraw, ImageFont
-    from scipy.ndimage import distance_transform_edt
 
     ids = labels_big.long().numpy()
     colours = PALETTE[ids % len(PALETTE)]
@@ -252,20 +288,48 @@ def segment_preview(labels_big: torch.Tensor, segment_labels: list[SegmentLabel]
     picture = Image.fromarray((colours * 255).round().clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default()
+
+    def size_of(text):
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    for text, box in place_labels(ids, segment_labels, size_of):
+        left, top = draw.textbbox((0, 0), text, font=font)[:2]
+        draw.rectangle(box, fill=(0, 0, 0))
+        draw.text((box[0] + 1 - left, box[1] + 1 - top), text, fill=(255, 255, 255), font=font)
+    return torch.from_numpy(np.asarray(picture).astype(np.float32) / 255.0)
+
+
+def place_labels(ids: np.ndarray, segment_labels: list[SegmentLabel], size_of) -> list[tuple[str, tuple]]:
+    """Where `segment_preview` writes each segment's label: (text, box (x0, y0, x1, y1) with a 1-pixel margin).
+
+    A label goes at its segment's deepest pixel (farthest from the segment's border: on the
+    segment even when it is scattered), or at the deepest one whose box keeps clear of the labels
+    placed before it; `size_of(text)` gives the text's (width, height).
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    placed = []
     for label in segment_labels:
         inside = ids == label.segment
         if not inside.any():
             continue
-        # write at the segment's deepest pixel (farthest from its border): on the segment even
-        # when it is scattered, and away from the other segments' labels
-        cy, cx = np.unravel_index(np.argmax(distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]), inside.shape)
         text = f"{label.word} {label.score:.2f}" if label.word != BACKGROUND else BACKGROUND
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        x = int(np.clip(cx - (right - left) // 2, 0, max(0, ids.shape[1] - (right - left))))
-        y = int(np.clip(cy - (bottom - top) // 2, 0, max(0, ids.shape[0] - (bottom - top))))
-        draw.rectangle((x - 1, y - 1, x + right - left + 1, y + bottom - top + 1), fill=(0, 0, 0))
-        draw.text((x - left, y - top), text, fill=(255, 255, 255), font=font)
-    return torch.from_numpy(np.asarray(picture).astype(np.float32) / 255.0)
+        width, height = size_of(text)
+        depth = distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
+        box = None
+        for flat in np.argsort(-depth, axis=None, kind="stable")[: int(inside.sum())]:
+            cy, cx = np.unravel_index(flat, inside.shape)
+            x = int(np.clip(cx - width // 2, 0, max(0, ids.shape[1] - width)))
+            y = int(np.clip(cy - height // 2, 0, max(0, ids.shape[0] - height)))
+            candidate = (x - 1, y - 1, x + width + 1, y + height + 1)
+            box = box or candidate
+            if not any(candidate[0] < b[2] and b[0] < candidate[2] and candidate[1] < b[3] and b[1] < candidate[3]
+                       for _, b in placed):
+                box = candidate
+                break
+        placed.append((text, box))
+    return placed
 
 
 def heat_colours(m: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ class Plan:
     vae_scenes: int = 32
     style_sets: int = 4  # batches of 4: a reference with a background, three prompts without
     bounded_prompts: int = 8
-    segment_images: int = 6  # generated, and as many rendered
+    segment_images: int = 12  # generated, and as many rendered
     inversion_scenes: int = 6
     cross_image_pairs: int = 4
 
@@ -266,54 +266,78 @@ def bounded_attention(lab: Lab) -> list[dict]:
     return rows
 
 
-def segment_iou(lab: Lab, record, latent, text: str, shapes: list[str], truths) -> tuple[list[float], list[float]]:
-    """Per object: IoU of its true mask with SelfAttnSegment's word mask of its shape noun, and with
-    the segment that fits it best whatever its label (the clustering alone, before cross-attention
-    labels it: a word below the threshold leaves its object's segment labelled background)."""
-    words = ", ".join(shapes)
-    segments, word_masks = lab.node("SelfAttnSegment", record=record, clip=lab.clip, text=text, words=words,
-                                    latent=latent)[:2]
+# the paper's widget values in tokens, as the nodes took them before they read layers by role: record up to
+# 32², cluster the grid closest to 32², label with the one closest to 16² (on the demo model: 16², 16²)
+ABSOLUTE_RESOLUTIONS = {"max_resolution": 32, "resolution": 32, "label_resolution": 16}
+
+
+def segment_scores(lab: Lab, record, latent, text: str, truths: dict, absolute: bool) -> dict[str, list[float]]:
+    """Per object (`truths`: shape noun -> true mask): IoU of SelfAttnSegment's word mask of its noun with
+    its mask; IoU of the segment that fits it best whatever its label (the clustering alone); whether that
+    segment is labelled with its noun. Per image: the AUC of SelfAttnPCA's first component against the
+    union of the object masks."""
+    import numpy as np
+
+    grids = {k: v for k, v in ABSOLUTE_RESOLUTIONS.items() if k != "max_resolution"} if absolute else {}
+    words = list(truths)
+    segments, word_masks, labels = lab.node("SelfAttnSegment", record=record, clip=lab.clip, text=text,
+                                            words=", ".join(words), latent=latent, **grids)[:3]
     segments = [s.cpu().numpy() > 0.5 for s in segments]
-    labelled = [lab.detect.mask_iou(word_masks[k].cpu().numpy() > 0.5, truth) for k, truth in enumerate(truths)]
-    clustered = [max(lab.detect.mask_iou(s, truth) for s in segments) for truth in truths]
-    return labelled, clustered
+    label_of = [line.split(":")[1].split()[0] for line in labels.splitlines()]
+    scores = {"labelled": [], "clustered": [], "label": [], "pca": []}
+    for k, (word, truth) in enumerate(truths.items()):
+        scores["labelled"].append(lab.detect.mask_iou(word_masks[k].cpu().numpy() > 0.5, truth))
+        fits = [lab.detect.mask_iou(s, truth) for s in segments]
+        best = max(range(len(fits)), key=fits.__getitem__)
+        scores["clustered"].append(fits[best])
+        scores["label"].append(label_of[best] == word)
+    seg = importlib.import_module(f"{lab.host.pack.__name__}.attention_patches.segmentation")
+    grid, self_maps = importlib.import_module(f"{lab.host.pack.__name__}.nodes.segment").recorded_maps(
+        record, "self", grids.get("resolution", 0), "quality")
+    objects = np.any(list(truths.values()), axis=0)
+    scores["pca"].append(seg.first_component_auc(self_maps[0], grid, objects))
+    return scores
 
 
 def self_attn_segment(lab: Lab) -> list[dict]:
-    """mIoU of SelfAttnSegment's word masks against the true masks: on generated images (truth: the
-    detector's masks of the prompted objects, exact in this world) and on rendered scenes (RecordAttentionPass);
-    for each, also the mIoU of the best-fitting segments, which tells clustering from labelling."""
+    """SelfAttnSegment, SelfAttnPCA and their recorders at their defaults (layers by role) against the same
+    graph with the paper's resolutions in tokens (32², 32², 16²). Generated images: the truth of a shape noun is
+    the detector's mask of the largest drawn object of that shape (its colour may be wrong: the word is the
+    noun); rendered scenes (RecordAttentionPass): the world's masks."""
     world, detect = lab.world, lab.detect
-    generated, rendered, missing = ([], []), ([], []), 0
+    keys = ("labelled", "clustered", "label", "pca")
+    tally = {(images, name): {k: [] for k in keys} for images in ("generated", "rendered") for name in ("with", "without")}
     for i in range(lab.plan.segment_images):
         subjects = two_subjects(world, HELD_OUT_SEED + 60_000 + i)
         scene = world.random_scene(HELD_OUT_SEED + 60_000 + i, objects=subjects)
-        recorded, record = lab.node("AttentionRecorder", model=lab.model)
-        latent = lab.sample(recorded, [scene.caption], seed=600 + i)
-        found = {(o.color, o.shape): o.mask for o in detect.detect_objects(lab.images(latent)[0])}
-        present = [pair for pair in subjects if pair in found]
-        missing += len(subjects) - len(present)
-        if present:
-            for into, ious in zip(generated, segment_iou(lab, record, latent, scene.caption, [s for _, s in present],
-                                                         [found[p] for p in present])):
-                into += ious
-
+        nouns = [shape for _, shape in subjects]
         real = world.render(scene, SIZE)
         positive = lab.encode([scene.caption])
-        record, latent = lab.node("RecordAttentionPass", model=lab.model, positive=positive, latent=lab.vae_latent([real]))
-        for into, ious in zip(rendered, segment_iou(lab, record, latent, scene.caption, [s for _, s in subjects],
-                                                    list(real.masks))):
-            into += ious
+        for name, absolute in (("with", False), ("without", True)):
+            recording = {"max_resolution": ABSOLUTE_RESOLUTIONS["max_resolution"]} if absolute else {}
+            recorded, record = lab.node("AttentionRecorder", model=lab.model, **recording)
+            latent = lab.sample(recorded, [scene.caption], seed=600 + i)
+            drawn = {}
+            for o in sorted(detect.detect_objects(lab.images(latent)[0]), key=lambda o: o.mask.sum()):
+                if o.shape in nouns:
+                    drawn[o.shape] = o.mask
+            if drawn:
+                for k, v in segment_scores(lab, record, latent, scene.caption, drawn, absolute).items():
+                    tally[("generated", name)][k] += v
+            record, latent = lab.node("RecordAttentionPass", model=lab.model, positive=positive,
+                                      latent=lab.vae_latent([real]), **recording)
+            for k, v in segment_scores(lab, record, latent, scene.caption, dict(zip(nouns, real.masks)), absolute).items():
+                tally[("rendered", name)][k] += v
+    metrics = {"labelled": "mIoU of the word masks",
+               "clustered": "mIoU of the best segment, label ignored",
+               "label": "object's segment labelled with its noun",
+               "pca": "SelfAttnPCA first component AUC against the objects"}
     rows = []
-    for images, detail, (labelled, clustered) in (
-            ("generated images", f" (objects the model drew; {missing} not drawn)", generated),
-            ("rendered scenes", " (RecordAttentionPass)", rendered)):
-        rows += [
-            {"section": "SelfAttnSegment", "metric": f"mIoU on {images}{detail}", "value": mean(labelled),
-             "baseline": None, "n": len(labelled)},
-            {"section": "SelfAttnSegment", "metric": f"mIoU on {images}: best segment, label ignored",
-             "value": mean(clustered), "baseline": None, "n": len(clustered)},
-        ]
+    for images in ("generated", "rendered"):
+        for key, metric in metrics.items():
+            with_, without = tally[(images, "with")][key], tally[(images, "without")][key]
+            rows.append({"section": "SelfAttnSegment", "metric": f"{metric}, {images} (baseline: 32²/16² tokens)",
+                         "value": mean(with_), "baseline": mean(without), "n": len(with_)})
     return rows
 
 

@@ -82,6 +82,30 @@ def decoder_levels(model, node: str = "this node") -> list[list[tuple[str, int, 
     return [levels[u] for u in sorted(levels, reverse=True) if levels[u]]
 
 
+def layer_downsampling(model, node: str = "this node") -> dict[tuple[str, int, int], int]:
+    """How many times the UNet has halved the latent before each attention layer runs.
+
+    Read from the UNet's modules (a `Downsample` in an input block halves every later
+    block's grid, an `Upsample` ends its output block and doubles the next), so the token
+    grid of a layer at latent size H×W is H and W halved (rounding up) that many times.
+    """
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+
+    unet = model.model.diffusion_model
+    by_block = {}
+    for layer in unet_layers(model, node):
+        by_block.setdefault((layer[0], layer[1]), []).append(layer)
+    levels, down = {}, 0
+    for block_id, block in enumerate(unet.input_blocks):
+        down += any(isinstance(m, openaimodel.Downsample) for m in block.modules())
+        levels.update(dict.fromkeys(by_block.get(("input", block_id), []), down))
+    levels.update(dict.fromkeys(by_block.get(("middle", 0), []), down))
+    for block_id, block in enumerate(unet.output_blocks):
+        levels.update(dict.fromkeys(by_block.get(("output", block_id), []), down))
+        down -= any(isinstance(m, openaimodel.Upsample) for m in block.modules())
+    return levels
+
+
 def router_of(model) -> AttentionRouter | None:
     """The router on this MODEL, if one of our nodes installed it."""
     return find_router(model.model_options.get("transformer_options", {}).get("patches_replace", {}))

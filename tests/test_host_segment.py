@@ -145,13 +145,16 @@ def test_segments_partition_the_image_with_consistent_labels(runs, seg, clip):
 
 def test_reading_node_errors_say_what_to_do(runs, tiny, seg, clip):
     _, empty = recorded(seg, tiny.sd15_unet(seed=6))
-    with pytest.raises(ValueError, match="SelfAttnSegment: the attention record is empty.*LATENT"):
+    with pytest.raises(ValueError, match="SelfAttnSegment: the attention record is empty: no sampling with the MODEL.*LATENT"):
         segment(seg, empty, clip)
     _, _, out, record = runs
     with pytest.raises(ValueError, match="'dog' is not in the prompt; the prompt's words are: a, cat, wearing"):
         segment(seg, record, clip, {"samples": out}, words="cat, dog")
     with pytest.raises(ValueError, match="latent: the attention record belongs to another sampling result"):
         segment(seg, record, clip, {"samples": out + 0.1})
+    with pytest.raises(ValueError, match="CrossAttnHeatmap: words: ',,,' names no word"):
+        seg.CrossAttnHeatmap.execute(record, clip, PROMPT, ",,,", torch.zeros(2, 128, 128, 3), 16, 0.6,
+                                     latent={"samples": out})
     long_prompt = ", ".join(["a cat"] * 40)  # 2 chunks of 77 tokens: not what was sampled
     with pytest.raises(ValueError, match="not the one the sampled conditioning was encoded from"):
         segment(seg, record, clip, {"samples": out}, text=long_prompt)
@@ -190,3 +193,59 @@ def test_real_image_pass_heatmaps_and_pca(tiny, seg, clip):
     assert float(maps.min()) == 0.0 and float(maps.max()) == 1.0
     (pca,) = seg.SelfAttnPCA.execute(record, 32, latent=passed).args
     assert pca.shape == (1, 128, 128, 3) and 0 <= float(pca.min()) and float(pca.max()) <= 1
+
+
+
+def test_layer_grids_are_read_from_the_unet(tiny, pack):
+    patching = importlib.import_module(pack.__name__ + ".nodes.patching")
+    halvings = patching.layer_downsampling(tiny.sd15_unet(seed=3))
+    assert halvings[("input", 1, 0)] == 0 and halvings[("input", 4, 0)] == 1 and halvings[("output", 11, 0)] == 0
+    assert halvings[("middle", 0, 0)] == max(halvings.values()) and halvings[("output", 3, 0)] == halvings[("input", 7, 0)]
+
+
+def test_a_record_that_cannot_fit_is_refused_before_sampling(tiny, seg, clip, monkeypatch):
+    import comfy.model_management
+
+    model = tiny.sd15_unet(seed=3)
+    positive, negative = encode(clip, PROMPT), encode(clip, "")
+    patched, record = recorded(seg, model)  # max_resolution 32: every grid of a 16² latent, 16x16 the largest
+    calls = []
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 200_000)
+    patched.set_model_unet_function_wrapper(lambda apply, c: calls.append(1) or apply(c["input"], c["timestep"], **c["c"]))
+    with pytest.raises(ValueError, match=r"AttentionRecorder: max_resolution: recording the 16x16, 8x8, 4x4 attention maps \(max_resolution 32\) "
+                                         r"for 2 image\(s\) of 128x128 px needs about .*the 16x16 self-attention map .*"
+                                         r"max_resolution 8 \(0.12 MiB\) fits"):
+        sample(patched, positive, negative)
+    assert not calls  # refused before the first UNet call
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    with pytest.raises(ValueError, match="RecordAttentionPass: max_resolution: .* max_resolution 8"):
+        seg.RecordAttentionPass.execute(model, positive, latent, 0.5, 0, 32, False)
+
+
+def test_an_empty_record_names_max_resolution_as_the_cause(tiny, seg, clip):
+    model = tiny.sd15_unet(seed=3)
+    patched, record = recorded(seg, model, max_resolution=1)
+    out = sample(patched, encode(clip, PROMPT), encode(clip, ""), batch=1)
+    with pytest.raises(ValueError, match=r"record is empty: the sampling run recorded no layer, because the recorder's "
+                                         r"max_resolution \(1\) is below every attention grid .*\(16x16, 8x8, 4x4, 2x2\)"
+                                         r".* max_resolution to at least 2") as refused:
+        segment(seg, record, clip, {"samples": out})
+    assert "cached" not in str(refused.value)
+
+
+def test_auto_records_every_level_but_the_highest_and_reads_by_role(tiny, seg, clip):
+    # the paper stores SD1.4's 32² and 16² levels at 512 px, not its highest (64²); on this
+    # SD1.5-shaped UNet at 128 px that is 8² and 4², and the 8² level labels (4² is too coarse)
+    model = tiny.sd15_unet(seed=3)
+    patched, record = recorded(seg, model, max_resolution=0)
+    out = {"samples": sample(patched, encode(clip, PROMPT), encode(clip, ""), batch=1)}
+    assert record.grids("self") == [(8, 8), (4, 4)] and record.grids("cross") == [(8, 8), (4, 4)]
+    assert record.label_grid((8, 8)) == (8, 8)
+    masks, _, labels, _ = seg.SelfAttnSegment.execute(record, clip, PROMPT, "cat, basket", 3, 0, 0, 0.35, 1,
+                                                      latent=out).args
+    assert masks.shape == (3, 128, 128) and torch.equal(masks.sum(0), torch.ones(128, 128))
+    (pca,) = seg.SelfAttnPCA.execute(record, 0, latent=out).args
+    assert pca.shape == (1, 128, 128, 3)
+    heat, maps = seg.CrossAttnHeatmap.execute(record, clip, PROMPT, "cat", torch.zeros(1, 128, 128, 3), 0, 0.6,
+                                              latent=out).args
+    assert maps.shape == (1, 128, 128)

@@ -16,6 +16,8 @@ from attention_lab.attention_patches.recorder import (
     AttentionRecorder,
     RecordSelection,
     attention_probabilities,
+    halved_grid,
+    record_bytes,
 )
 
 HEADS, DIM = 2, 8
@@ -214,3 +216,39 @@ def test_reading_errors_and_closest_grid():
         recorder.mean(SELF, (16, 16))
     with pytest.raises(ValueError, match="no cross-attention"):
         recorder.closest_grid(CROSS, 16)
+
+
+# SD1.5's attention layers and how many times the latent was halved before each
+SD15_HALVINGS = {
+    **{("input", i, 0): h for i, h in [(1, 0), (2, 0), (4, 1), (5, 1), (7, 2), (8, 2)]},
+    ("middle", 0, 0): 3,
+    **{("output", i, 0): h for i, h in [(3, 2), (4, 2), (5, 2), (6, 1), (7, 1), (8, 1), (9, 0), (10, 0), (11, 0)]},
+}
+
+
+def test_record_size_is_known_before_sampling():
+    # SD1.5 at 2048 px (a 256² latent) with max_resolution 256: the 256x256 self-attention map alone is
+    # 65536² float32 = 16 GiB per image, the out-of-memory a run hit after minutes
+    total, maps = record_bytes(RecordSelection(max_tokens=256 * 256), SD15_HALVINGS, (256, 256), images=1)
+    assert maps[(SELF, (256, 256))] == 65536 ** 2 * 4 == 16 * 2**30
+    assert maps[(CROSS, (256, 256))] == 65536 * 77 * 4
+    assert total == sum(maps.values()) + 2**26 * 4  # plus one chunk of probabilities
+    # the paper's 32² at 512 px: the 32² and 16² maps of the encoder and decoder, tens of MiB
+    total, maps = record_bytes(RecordSelection(), SD15_HALVINGS, (64, 64), images=2)
+    assert sorted(maps) == [(CROSS, (16, 16)), (CROSS, (32, 32)), (SELF, (16, 16)), (SELF, (32, 32))]
+    assert maps[(SELF, (32, 32))] == 2 * 1024 ** 2 * 4 and total < 32 * 2**20
+    assert halved_grid((17, 9), 2) == (5, 3)  # stride-2 convolutions round up
+
+
+def test_segments_are_labelled_one_level_below_unless_that_level_is_too_coarse():
+    recorder = AttentionRecorder(RecordSelection(max_tokens=None))
+    router = AttentionRouter(LAYERS, attention=sdpa_attention)
+    router.add(recorder)
+    for hw in [(32, 32), (16, 16), (8, 8), (4, 4)]:
+        n = hw[0] * hw[1]
+        for is_self, keys in ((True, n), (False, 77)):
+            router.patch_for(("output", 3, 0), is_self)(*tensors(1, queries=n, keys=keys), options(1, hw=hw, cond_or_uncond=(0,)))
+    assert recorder.largest_grid(SELF) == (32, 32)
+    assert recorder.label_grid((32, 32)) == (16, 16)  # the paper: 16² cross-attention under 32² clusters
+    assert recorder.label_grid((16, 16)) == (8, 8)
+    assert recorder.label_grid((8, 8)) == (8, 8)  # 4² would put a quarter-image object in one or two cells

@@ -1,5 +1,6 @@
 """Segmentation and labels on planted attention: known groups, known words."""
 
+import numpy as np
 import pytest
 import torch
 from attention_lab.attention_patches import AttentionRouter, sdpa_attention
@@ -8,12 +9,14 @@ from attention_lab.attention_patches.segmentation import (
     BACKGROUND,
     Word,
     describe_labels,
+    first_component_auc,
     fold_repeated_context,
     kmeans_segments,
     label_segments,
     merge_word_pieces,
     normalise_word_map,
     pca_rgb,
+    place_labels,
     resize_map,
     segment_masks,
     segment_preview,
@@ -78,6 +81,12 @@ def test_words_are_selected_with_every_occurrence_and_defaults_skip_function_wor
     assert select_words(words, "") == {"cat": (2,), "sunglasses": (4, 5), "basket": (8,)}
     assert select_words(words, " Cat , a") == {"cat": (2,), "a": (1, 7)}
     assert select_words(words, "cat basket") == {"cat basket": (2, 8)}
+
+
+@pytest.mark.parametrize("requested", [",,,", " , ", ";", ", -"])
+def test_words_that_name_no_word_are_refused_not_read_as_every_word(requested):
+    with pytest.raises(ValueError, match=r"words: .* names no word .*leave it empty for every word"):
+        select_words(merge_word_pieces(PIECES), requested)
 
 
 def test_a_word_not_in_the_prompt_is_named_with_the_prompt_words():
@@ -161,6 +170,25 @@ def test_preview_draws_every_segment():
     assert not torch.equal(plain, over)
 
 
+def test_preview_labels_do_not_cover_each_other():
+    # four thin background bands and a square: every label's deepest pixel is on the same middle rows
+    labels = torch.zeros(128, 128, dtype=torch.long)
+    for band in range(4):
+        labels[:, band * 24:(band + 1) * 24] = band
+    labels[:, 96:] = 3
+    labels[48:80, 100:124] = 4
+    from attention_lab.attention_patches.segmentation import SegmentLabel
+
+    names = [SegmentLabel(s, BACKGROUND, 0.1) for s in range(4)] + [SegmentLabel(4, "square", 0.8)]
+    placed = place_labels(labels.numpy(), names, lambda text: (6 * len(text), 10))
+    assert [text for text, _ in placed] == [BACKGROUND] * 4 + ["square 0.80"]
+    for i, (_, a) in enumerate(placed):
+        assert 0 <= a[0] + 1 and a[2] - 1 <= 128 and 0 <= a[1] + 1 and a[3] - 1 <= 128
+        for _, b in placed[:i]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    assert segment_preview(labels, names).shape == (128, 128, 3)
+
+
 def test_planted_attention_through_the_recorder():
     """q/k built so that softmax attention is block-diagonal over the planted groups."""
     heads, dim = 2, 8
@@ -183,3 +211,20 @@ def test_planted_attention_through_the_recorder():
     got = {int(PLANTED[labels == s.segment][0]): s.word
            for s in label_segments(labels, word_maps(recorder.mean(CROSS, GRID)[0], GRID, words))}
     assert got == {0: "cat", 1: "sunglasses", 2: "basket", 3: BACKGROUND}
+
+
+def test_pca_lights_the_minority_and_its_first_component_scores_the_objects():
+    # 64 tokens, 10 of them an "object" that attends to itself; the rest attend to the background
+    g = torch.Generator().manual_seed(0)
+    inside = torch.zeros(64, dtype=torch.bool)
+    inside[[18, 19, 20, 26, 27, 28, 34, 35, 36, 44]] = True
+    rows = torch.where(inside[:, None] == inside[None, :], 3.0, 1.0) + 0.1 * torch.rand(64, 64, generator=g)
+    rows = rows / rows.sum(-1, keepdim=True)
+    for features in (rows, -rows):  # the SVD's sign must not decide which side is bright
+        rgb = pca_rgb(features, (8, 8))
+        assert rgb[..., 0].flatten()[inside].min() > rgb[..., 0].flatten()[~inside].max()
+    mask = inside.reshape(8, 8).repeat_interleave(4, 0).repeat_interleave(4, 1).numpy()
+    assert first_component_auc(rows, (8, 8), mask) > 0.95
+    assert first_component_auc(rows, (8, 8), ~mask) < 0.05
+    with pytest.raises(ValueError, match="both object and background"):
+        first_component_auc(rows, (8, 8), np.ones((32, 32), bool))
