@@ -153,3 +153,47 @@ def test_controlnet_steers_the_output_branch_only(sd15, xi):
     schedule = run.schedule
     assert asked == [2 if schedule.swaps(step) else 1 for step in range(schedule.steps)]
     assert (controlled - plain).abs().max().item() > 1e-3
+
+
+def test_refuses_ddim_inversions_and_names_the_steps_it_was_given(sd15, tiny, inv, xi):
+    model, clip, structure, appearance = sd15
+    positive = xi.encode(clip, APPEARANCE_PROMPT)
+    _, ddim = inv.invert(model, user_latent(model, 2), positive, steps=STEPS, method="ddim")
+    with pytest.raises(ValueError, match="CrossImageAttention: appearance: a 'ddim' inversion;.*method 'ddpm'"):
+        xi.transfer(model, clip, structure, ddim, "cat", "dog")
+    with pytest.raises(ValueError, match="CrossImageAttention: structure: a 'ddim' inversion"):
+        xi.transfer(model, clip, ddim, appearance, "cat", "dog")
+    # ddim_uniform walks 13 steps when asked for 12: the message names the steps the user set
+    assert structure.num_steps != STEPS and structure.steps == STEPS
+    eight = invert(inv, xi, model, clip, APPEARANCE_PROMPT, seed=2, steps=8)
+    with pytest.raises(ValueError, match="another schedule than the structure \\(8 steps against the structure's 12\\)"):
+        xi.transfer(model, clip, structure, eight, "cat", "dog")
+
+
+def test_an_appearance_of_another_size_is_named_in_a_warning(sd15, inv, xi, caplog):
+    model, clip, structure, _ = sd15
+    wide = invert(inv, xi, model, clip, APPEARANCE_PROMPT, seed=2, shape=(1, 4, 12, 20))
+    with caplog.at_level("WARNING", logger="attention_lab"):
+        xi.check_inversions(structure, wide)
+    assert "CrossImageAttention: appearance: its latent is 12x20, the structure's 16x16" in caplog.text
+
+
+def test_object_words_missing_from_the_prompt_are_refused_when_the_graph_is_validated(host, pack):
+    """ComfyUI's own prompt validation refuses the graph, so neither DDIMInvert runs."""
+    import asyncio
+    import json
+    from pathlib import Path
+
+    workflow = json.loads((Path(__file__).resolve().parents[1] / "examples" / "cross_image_transfer.json").read_text())
+    prompt = host.to_prompt(workflow)
+    node_id = next(k for k, v in prompt.items() if v["class_type"] == "CrossImageAttention")
+    valid, _, _, errors = asyncio.run(host.execution.validate_prompt("t", prompt, None))
+    assert valid, errors
+    prompt[node_id]["inputs"].update(prompt="a photo of a star", structure_object="star", appearance_object="square")
+    valid, _, _, errors = asyncio.run(host.execution.validate_prompt("t", prompt, None))
+    assert not valid
+    text = json.dumps(errors[node_id])
+    assert "CrossImageAttention: appearance_object:" in text and "is not in the prompt" in text
+    cls = host.nodes.NODE_CLASS_MAPPINGS["CrossImageAttention"]
+    assert "structure_object: name the object" in cls.validate_inputs(" ", "dog", "a {}")
+    assert cls.validate_inputs("cat", "dog", "a {}") is True
