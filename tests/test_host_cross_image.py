@@ -197,3 +197,37 @@ def test_object_words_missing_from_the_prompt_are_refused_when_the_graph_is_vali
     cls = host.nodes.NODE_CLASS_MAPPINGS["CrossImageAttention"]
     assert "structure_object: name the object" in cls.validate_inputs(" ", "dog", "a {}")
     assert cls.validate_inputs("cat", "dog", "a {}") is True
+
+
+def test_masks_read_every_layer_of_the_two_top_decoder_levels(sd15, xi, pack):
+    """One layer's self-attention can be near-uniform on a small model (the demo model's last 16² layer), so
+    the clusters come from the mean over the highest decoder level's layers, the labels from the next level's."""
+    model, clip, structure, appearance = sd15
+    patching = importlib.import_module(pack.__name__ + ".nodes.patching")
+    levels = patching.decoder_levels(model)
+    _, run = xi.transfer(model, clip, structure, appearance, "cat", "dog")
+    assert run.recorder.selection.layers == frozenset(levels[0] + levels[1])
+
+
+def test_adain_background_matches_the_background_outside_the_masks(sd15, xi, pack):
+    """With planted masks: the object is matched either way; adain_background also moves the background's
+    statistics (outside the structure's mask) to those of the appearance's background."""
+    ci = importlib.import_module(pack.__name__ + ".attention_patches.cross_image")
+    model, clip, structure, appearance = sd15
+    _, run = xi.transfer(model, clip, structure, appearance, "cat", "dog")
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 4:10, 5:12] = 1
+    run.masks = {"structure": mask, "appearance": torch.roll(mask, 3, -1)}
+    step = run.schedule.adain_step
+    x = run.latent("structure", step + 1, "cpu")
+    object_only = run.after_step(step, x)
+    run.adain_background = True
+    both = run.after_step(step, x)
+    inside = mask[0] > 0.5
+    assert torch.allclose(both[..., inside], object_only[..., inside])
+    assert torch.allclose(object_only[..., ~inside], x[..., ~inside], atol=1e-5)
+    scale = xi.vp_scale(float(run.sigmas[run.skip + step + 1]))
+    style = run.latent("appearance", step + 1, "cpu")[0] / scale
+    expected = ci.masked_adain(object_only[0] / scale, style, 1 - mask[0], 1 - run.masks["appearance"][0]) * scale
+    assert torch.allclose(both[0], expected, atol=1e-5)
+    assert (both - object_only)[..., ~inside].abs().max().item() > 1e-3
