@@ -16,6 +16,12 @@ in `transformer_options[PASS_KEY]` for each UNet call: a *source* call (the
 appearance or structure latent, read from its inversion) stores the keys and
 values of the swap layers; an *output* call swaps them into the conditioning
 entries the pass names. Plain torch; ComfyUI is the caller's business.
+
+Where the authors' code and their paper differ, the default is the code, which
+made the paper's figures: the swap layers act one step late (their step counter
+is set after each step, see `CrossImageSchedule.attention_lag`), and a cluster
+is the object when the object's noun is the best of all scored nouns on it
+(`label_clusters`).
 """
 
 from __future__ import annotations
@@ -133,30 +139,45 @@ def masked_adain(content, style, content_mask, style_mask, eps: float = 1e-5) ->
 
 
 def object_clusters(scores: Sequence[float], ratio: float = OBJECT_RATIO) -> list[bool]:
-    """Which clusters are the object: score above `ratio` × the mean of the other clusters' scores,
-    the single highest score left out of that mean (local-prompt-mixing's rule as the authors use it)."""
-    if len(scores) < 2:
-        return [True] * len(scores)
-    rest = sorted(scores)[:-1]
+    """Which clusters are the object when one noun is scored: `label_clusters` with one noun."""
+    return [label is not None for label in label_clusters([[score] for score in scores], ratio)]
+
+
+def label_clusters(scores: Sequence[Sequence[float]], ratio: float = OBJECT_RATIO) -> list[int | None]:
+    """Each cluster's noun (an index into its score row) or None (background), from `scores[cluster][noun]`.
+
+    The authors' `Segmentor.cluster2noun`: a cluster's best score is the max over the nouns; the mean of
+    the best scores, the single highest left out, is the bar; a cluster whose best score beats `ratio` ×
+    that bar takes the noun of its best score (the first on ties, as numpy's argmax).
+    """
+    best = [max(row) for row in scores]
+    if len(best) < 2:
+        return [int(max(range(len(row)), key=lambda n: row[n])) for row in scores]
+    rest = list(best)
+    rest.remove(max(best))
     bar = ratio * sum(rest) / len(rest)
-    return [s > bar for s in scores]
+    return [max(range(len(row)), key=lambda n: (row[n], -n)) if max(row) > bar else None for row in scores]
 
 
-def object_mask(self_attention: torch.Tensor, grid: tuple[int, int], noun_map: torch.Tensor,
-                clusters: int = SEGMENTS, ratio: float = OBJECT_RATIO, seed: int = 1) -> torch.Tensor:
+def object_mask(self_attention: torch.Tensor, grid: tuple[int, int], noun_maps: torch.Tensor | Sequence[torch.Tensor],
+                clusters: int = SEGMENTS, ratio: float = OBJECT_RATIO, seed: int = 1,
+                object_nouns: Sequence[int] = (0,)) -> torch.Tensor:
     """The object's mask `[h, w]` (0/1) on the self-attention grid; empty if no segment is the object.
 
     KMeans splits the self-attention rows `[hw, hw]` into `clusters` segments;
-    each is scored by the mean of the object word's normalised cross-attention
-    map (resized to the grid, nearest, as the authors' ×2 repeat) inside it,
-    and the segments `object_clusters` picks form the mask.
+    each is scored by the mean of every noun's normalised cross-attention map
+    (resized to the grid, nearest, as the authors' ×2 repeat) inside it, and
+    the segments `label_clusters` gives one of `object_nouns` (indices into
+    `noun_maps`) form the mask. One map (a tensor `[h', w']`) is one noun.
     """
+    if isinstance(noun_maps, torch.Tensor):
+        noun_maps = [noun_maps]
     labels = kmeans_segments(self_attention, grid, clusters, seed)
-    resized = F.interpolate(noun_map[None, None].float(), size=grid, mode="nearest")[0, 0]
-    normalised = normalise_word_map(resized)
+    normalised = [normalise_word_map(F.interpolate(m[None, None].float(), size=grid, mode="nearest")[0, 0])
+                  for m in noun_maps]
     segments = int(labels.max()) + 1
-    scores = [float(normalised[labels == s].mean()) for s in range(segments)]
-    chosen = torch.tensor(object_clusters(scores, ratio))
+    scores = [[float(m[labels == s].mean()) for m in normalised] for s in range(segments)]
+    chosen = torch.tensor([label in object_nouns for label in label_clusters(scores, ratio)])
     return chosen[labels].float()  # all zero when no segment stands out
 
 
@@ -177,6 +198,10 @@ class CrossImageSchedule:
     guidance: float = SWAP_GUIDANCE  # 1: no swap guidance (one output prediction per step)
     adain: bool = True
     adain_start: float = ADAIN_START
+    # The authors' attention reads a step counter their step-end callback sets, so step k swaps as their
+    # step k − 1 would (max(k − 1, 0)): no swap at step 10, the structure's keys at 11, 16, ..., 36.
+    # Swap guidance and AdaIN use k itself in their code, and here. 0: the steps as the paper states them.
+    attention_lag: int = 1
 
     def __post_init__(self):
         if self.steps < 1:
@@ -191,17 +216,23 @@ class CrossImageSchedule:
             raise ValueError(f"structure_every: 0 (never) or a step interval, got {self.structure_every}")
         if self.guidance < 1.0:
             raise ValueError(f"swap_guidance: 1 (off) or more, got {self.guidance}")
+        if self.attention_lag not in (0, 1):
+            raise ValueError(f"attention_lag: 1 (the authors' step counter) or 0, got {self.attention_lag}")
 
     def _step(self, fraction: float) -> int:
         return int(math.floor(fraction * self.steps + 0.5))
 
+    def attention_step(self, step: int) -> int:
+        """The step number the swap layers act on at denoising step `step` (see `attention_lag`)."""
+        return max(step - self.attention_lag, 0)
+
     def swaps(self, step: int) -> bool:
-        return self._step(self.swap_start) <= step < self._step(self.swap_end)
+        return self._step(self.swap_start) <= self.attention_step(step) < self._step(self.swap_end)
 
     def source(self, step: int) -> str:
         """The image whose keys and values the output takes at a swap step."""
-        start = self._step(self.swap_start)
-        if self.structure_every and step < self._step(self.structure_end) and (step - start) % self.structure_every == 0:
+        start, seen = self._step(self.swap_start), self.attention_step(step)
+        if self.structure_every and seen < self._step(self.structure_end) and (seen - start) % self.structure_every == 0:
             return STRUCTURE
         return APPEARANCE
 

@@ -37,6 +37,10 @@ class Inversion:
         DDPM only: float32 ``S``; ``x0 − x0_hat`` of that last, noise-free step
         (the model's own error at the smallest sigma). Adding it back makes a replay
         exact for any model; the papers drop it (see :func:`ddpm_replay`).
+    ``steps``
+        The step count the inversion was asked for, when the caller knows it
+        (a scheduler such as ``ddim_uniform`` may walk one more than asked,
+        so it can differ from :attr:`num_steps`); for messages.
 
     dtype: everything is float32 whatever dtype the model ran in.
     """
@@ -46,6 +50,7 @@ class Inversion:
     kind: InversionKind
     noise_maps: Tensor | None = None
     final_residual: Tensor | None = None
+    steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("ddim", "ddpm"):

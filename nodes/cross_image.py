@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 
 import comfy.model_management
@@ -57,8 +58,9 @@ class CrossImageRun:
     schedule: ci.CrossImageSchedule
     technique: ci.CrossImageAttention
     recorder: AttentionRecorder
-    object_tokens: dict  # branch -> token positions of its object word(s)
+    object_tokens: dict  # branch -> token positions of each scored noun, the branch's object first
     segments: int
+    adain_background: bool = False
     masks: dict | None = None  # branch -> [images, h, w] at latent size, once recorded
     mask_note: list = field(default_factory=list)
 
@@ -97,7 +99,10 @@ class CrossImageRun:
             s = style[i if style.shape[0] == x.shape[0] else 0]
             cm = self.masks[ci.STRUCTURE][i].to(x.device)
             sm = self.masks[ci.APPEARANCE][i if self.masks[ci.APPEARANCE].shape[0] == x.shape[0] else 0].to(x.device)
-            out.append(ci.masked_adain(content[i], s, cm, sm))
+            moved = ci.masked_adain(content[i], s, cm, sm)
+            if self.adain_background and (1 - cm).any() and (1 - sm).any():
+                moved = ci.masked_adain(moved, s, 1 - cm, 1 - sm)
+            out.append(moved)
         return torch.stack(out) * scale
 
 
@@ -154,11 +159,11 @@ class CrossImageGuider(comfy.samplers.CFGGuider):
         self_grid = run.recorder.grids(SELF)[0]
         cross_grid = min(run.recorder.grids(CROSS), key=lambda g: g[0] * g[1])
         self_maps, cross_maps = run.recorder.mean(SELF, self_grid), run.recorder.mean(CROSS, cross_grid)
-        positions = list(run.object_tokens[branch])
+        nouns = run.object_tokens[branch]
         masks = []
         for i in range(self_maps.shape[0]):
-            noun = cross_maps[i][:, positions].sum(-1).reshape(cross_grid)
-            mask = ci.object_mask(self_maps[i], self_grid, noun, run.segments)
+            noun_maps = [cross_maps[i][:, list(positions)].sum(-1).reshape(cross_grid) for positions in nouns]
+            mask = ci.object_mask(self_maps[i], self_grid, noun_maps, run.segments, object_nouns=(0,))
             if not mask.any():
                 run.mask_note.append(f"{branch} image {i}: no segment scored as the object; AdaIN uses the whole latent")
                 mask = torch.ones_like(mask)
@@ -182,15 +187,28 @@ def sample_cross_image(model, x, sigmas, extra_args=None, callback=None, disable
 # --- checks and text ------------------------------------------------------------------------
 
 
+def inverted_steps(inversion: Inversion) -> int:
+    """The `steps` the inversion was asked for (a scheduler such as ddim_uniform may walk one more)."""
+    return inversion.steps if inversion.steps is not None else inversion.num_steps
+
+
 def check_inversions(structure, appearance) -> None:
     for name, value in (("structure", structure), ("appearance", appearance)):
         if not isinstance(value, Inversion):
             raise ValueError(f"{NODE}: {name}: expected an INVERSION from DDIMInvert, got {type(value).__name__}")
+        if value.kind != "ddpm":
+            raise ValueError(
+                f"{NODE}: {name}: a {value.kind!r} inversion; Cross-Image Attention replays the structure's edit-friendly "
+                f"DDPM noise maps: invert both images with DDIMInvert's method 'ddpm'"
+            )
     s, a = structure.sampling_sigmas, appearance.sampling_sigmas
     if s.shape != a.shape or not torch.allclose(s, a, rtol=1e-5, atol=1e-6):
+        steps = (inverted_steps(appearance), inverted_steps(structure))
+        schedule = (f"{steps[0]} steps against the structure's {steps[1]}" if steps[0] != steps[1]
+                    else f"the same {steps[0]} steps, but other sigmas")
         raise ValueError(
-            f"{NODE}: appearance: inverted over another schedule ({appearance.num_steps} steps) than the structure "
-            f"({structure.num_steps} steps); invert both with the same model, steps and scheduler"
+            f"{NODE}: appearance: inverted over another schedule than the structure ({schedule}); invert both with "
+            f"the same model, steps and scheduler"
         )
     batch, appearance_batch = structure.latents.shape[1], appearance.latents.shape[1]
     if appearance_batch not in (1, batch):
@@ -201,6 +219,26 @@ def check_inversions(structure, appearance) -> None:
     if structure.latents.shape[2] != appearance.latents.shape[2]:
         raise ValueError(f"{NODE}: appearance: its latent has {appearance.latents.shape[2]} channels, the structure's "
                          f"{structure.latents.shape[2]}: invert both with the same model")
+    if structure.latents.shape[-2:] != appearance.latents.shape[-2:]:
+        # Supported (keys and values of any token count can be attended to), but not the authors' setting:
+        # they resize both images to 512², so each swapped token has a counterpart at the same scale.
+        log.warning("[Attention Lab] %s: appearance: its latent is %s, the structure's %s; the transfer runs, but "
+                    "objects at another scale match less well (the authors use two images of one size)", NODE,
+                    "x".join(map(str, appearance.latents.shape[-2:])), "x".join(map(str, structure.latents.shape[-2:])))
+
+
+def prompt_word_errors(prompt: str, structure_object: str, appearance_object: str) -> list[str]:
+    """What is wrong with the object words and the prompt, from the text alone (before any run)."""
+    errors = []
+    words = set(re.findall(r"\w+", prompt.lower()))
+    for name, obj in (("structure_object", structure_object), ("appearance_object", appearance_object)):
+        parts = re.findall(r"\w+", obj.lower())
+        if not parts:
+            errors.append(f"{name}: name the object in the {name.split('_')[0]} image (e.g. 'giraffe')")
+        elif "{}" not in prompt and not all(part in words for part in parts):
+            errors.append(f"{name}: {obj.strip()!r} is not in the prompt {prompt!r}; without {{}} the prompt is used "
+                          f"for both images and must name both objects")
+    return errors
 
 
 def branch_prompt(template: str, obj: str, name: str) -> str:
@@ -219,6 +257,20 @@ def object_positions(clip, prompt: str, obj: str, name: str) -> tuple[int, ...]:
         raise ValueError(f"{NODE}: {name}: {reason} (prompt {prompt!r})") from error
 
 
+def scored_nouns(clip, prompt: str, obj: str, other: str, name: str) -> list[tuple[int, ...]]:
+    """Token positions of the nouns a branch's clusters are scored against: its object first, then the other
+    branch's object when the prompt names it too. The authors score every noun nltk tags in the prompt;
+    the pack has no tagger, so the nouns are the two object words."""
+    nouns = [object_positions(clip, prompt, obj, name)]
+    if other.strip().lower() != obj.strip().lower():
+        words, _ = prompt_words(clip, prompt, NODE)
+        try:
+            nouns.append(select_words(words, other)[other.strip().lower()])
+        except ValueError:
+            pass  # the other object is not in this branch's prompt (the "{}" template): one noun
+    return nouns
+
+
 def encode(clip, text: str):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
@@ -227,7 +279,9 @@ def pixel_masks(masks: torch.Tensor | None, latent_shape) -> torch.Tensor:
     """Latent-size masks as a MASK at image size (zeros when no masks were made)."""
     if masks is None:
         return torch.zeros(latent_shape[0], latent_shape[-2] * VAE_SCALE, latent_shape[-1] * VAE_SCALE)
-    return F.interpolate(masks[:, None].float(), scale_factor=VAE_SCALE, mode="nearest")[:, 0].cpu()
+    # bilinear, then cut at 0.5: the outline follows the object between latent cells instead of their staircase
+    smooth = F.interpolate(masks[:, None].float(), scale_factor=VAE_SCALE, mode="bilinear", align_corners=False)
+    return (smooth[:, 0] > 0.5).float().cpu()
 
 
 # --- the transfer ---------------------------------------------------------------------------
@@ -238,8 +292,12 @@ def transfer(model, clip, structure: Inversion, appearance: Inversion, structure
              swap_guidance: float = ci.SWAP_GUIDANCE, swap_start: float = ci.SWAP_START, swap_end: float = 1.0,
              structure_every: int = ci.STRUCTURE_EVERY, structure_end: float = ci.STRUCTURE_END,
              masked_adain: bool = True, adain_start: float = ci.ADAIN_START, segments: int = ci.SEGMENTS,
-             cfg: float = 1.0, output_conditioning=None):
+             cfg: float = 1.0, output_conditioning=None, authors_step_counter: bool = True,
+             adain_background: bool = False):
     """The transferred LATENT tensor (user space) and the run (its masks)."""
+    errors = prompt_word_errors(prompt, structure_object, appearance_object)
+    if errors:
+        raise ValueError(f"{NODE}: {errors[0]}")
     check_inversions(structure, appearance)
     n = structure.num_steps
     skip_steps = int(math.floor(skip * n + 0.5))
@@ -247,14 +305,17 @@ def transfer(model, clip, structure: Inversion, appearance: Inversion, structure
         raise ValueError(f"{NODE}: skip: {skip} of {n} steps leaves no step to denoise; lower it")
     try:
         schedule = ci.CrossImageSchedule(n - skip_steps, swap_start, swap_end, structure_every, structure_end,
-                                         swap_guidance, masked_adain, adain_start)
+                                         swap_guidance, masked_adain, adain_start,
+                                         attention_lag=1 if authors_step_counter else 0)
         levels = decoder_levels(model, NODE)
         technique = ci.CrossImageAttention([layer for level in levels[:2] for layer in level], contrast)
     except ValueError as error:
         raise ValueError(error if str(error).startswith(NODE) else f"{NODE}: {error}") from error
-    # the authors' mask maps: the last self-attention layer at the highest decoder resolution,
-    # the last cross-attention layer at the next one
-    mask_layers = frozenset({levels[0][-1], levels[min(1, len(levels) - 1)][-1]})
+    # The authors cluster the last self-attention layer at the highest decoder resolution and label the
+    # clusters from the last cross-attention layer at the next one. The pack averages every layer of those
+    # two levels instead (as local-prompt-mixing's store does): one layer alone can be near-uniform on a small
+    # model (the demo model's last 16² layer: entropy 5.48 of ln 256 = 5.55), and its clusters are noise.
+    mask_layers = frozenset(levels[0] + levels[min(1, len(levels) - 1)])
     recorder = AttentionRecorder(RecordSelection(layers=mask_layers, max_tokens=None, only_with=RECORD_KEY))
 
     prompts = {ci.STRUCTURE: branch_prompt(prompt, structure_object, "structure_object"),
@@ -262,13 +323,15 @@ def transfer(model, clip, structure: Inversion, appearance: Inversion, structure
     objects = {ci.STRUCTURE: structure_object, ci.APPEARANCE: appearance_object}
     tokens = {}
     if masked_adain:
-        tokens = {b: object_positions(clip, prompts[b], objects[b], f"{b}_object") for b in prompts}
+        tokens = {b: scored_nouns(clip, prompts[b], objects[b], objects[other], f"{b}_object")
+                  for b, other in ((ci.STRUCTURE, ci.APPEARANCE), (ci.APPEARANCE, ci.STRUCTURE))}
 
     patched = model.clone()
     router = attach_router(patched, NODE)
     router.add(technique)
     router.add(recorder)
-    run = CrossImageRun(structure, appearance, skip_steps, schedule, technique, recorder, tokens, segments)
+    run = CrossImageRun(structure, appearance, skip_steps, schedule, technique, recorder, tokens, segments,
+                        adain_background)
     guider = CrossImageGuider(patched, run)
     conds = {"positive": output_conditioning if output_conditioning is not None else encode(clip, prompts[ci.STRUCTURE]),
              ci.STRUCTURE: encode(clip, prompts[ci.STRUCTURE]), ci.APPEARANCE: encode(clip, prompts[ci.APPEARANCE])}
@@ -337,7 +400,8 @@ class CrossImageAttention(io.ComfyNode):
                                tooltip="Share of the denoising steps after which the swap stops (authors: never)."),
                 io.Int.Input("structure_every", default=ci.STRUCTURE_EVERY, min=0, max=100,
                              tooltip="Every this many swap steps (from swap_start), keys and values come from the "
-                                     "structure image instead, until structure_end (authors: steps 10, 15, …, 35). "
+                                     "structure image instead, until structure_end (the paper: steps 10, 15, …, 35; "
+                                     "the authors' code, see authors_step_counter: 11, 16, …, 36). "
                                      "0 = always the appearance."),
                 io.Float.Input("structure_end", default=round(ci.STRUCTURE_END, 3), **FRACTION,
                                tooltip="Share of the denoising steps after which the structure is no longer "
@@ -346,6 +410,11 @@ class CrossImageAttention(io.ComfyNode):
                                  tooltip="After adain_start, match the output latent's per-channel statistics inside "
                                          "the structure object's mask to the appearance latent's inside its object's "
                                          "mask. Masks come from clustering self-attention, labelled by the object word."),
+                io.Boolean.Input("adain_background", default=False,
+                                 tooltip="Also match the background (outside the two masks) to the appearance's "
+                                         "background. Off (authors): only the object is matched, the background "
+                                         "takes the appearance through the swapped attention alone. Turn on for "
+                                         "small models whose self-attention carries little colour (the demo model)."),
                 io.Float.Input("adain_start", default=round(ci.ADAIN_START, 3), **FRACTION,
                                tooltip="Share of the denoising steps before masked AdaIN starts; the masks are taken "
                                        "from the attention at that step (authors: step 20 of 68)."),
@@ -355,6 +424,12 @@ class CrossImageAttention(io.ComfyNode):
                                tooltip="Text classifier-free guidance of the output. 1 (authors): off, swap guidance "
                                        "on. Above 1: ε_uncond(no swap) + cfg·(ε_cond(swap) − ε_uncond), no swap "
                                        "guidance."),
+                io.Boolean.Input("authors_step_counter", default=True,
+                                 tooltip="On (the authors' code, which made the paper's figures): the swap layers act "
+                                         "one step late, as their attention reads a step counter set after each "
+                                         "step: no swap at step 10, the structure's keys at 11, 16, …, 36. Off: the "
+                                         "steps as the paper states them (10, 15, …, 35). Swap guidance and AdaIN "
+                                         "use the step itself either way."),
                 io.Conditioning.Input("output_conditioning", optional=True,
                                       tooltip="Replaces the output branch's prompt, e.g. the structure prompt through "
                                               "ControlNetApply: ControlNet then steers the output only."),
@@ -368,12 +443,22 @@ class CrossImageAttention(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, structure_object=None, appearance_object=None, prompt=None) -> bool | str:
+        """The object words against the prompt, when ComfyUI validates the graph: before any node runs, so
+        before the two inversions (a linked widget arrives as None and is checked when the node runs)."""
+        if None in (structure_object, appearance_object, prompt):
+            return True
+        errors = prompt_word_errors(prompt, structure_object, appearance_object)
+        return f"{NODE}: {errors[0]}" if errors else True
+
+    @classmethod
     def execute(cls, model, clip, structure, appearance, structure_object, appearance_object, prompt, skip, contrast,
-                swap_guidance, swap_start, swap_end, structure_every, structure_end, masked_adain, adain_start,
-                segments, cfg, output_conditioning=None) -> io.NodeOutput:
+                swap_guidance, swap_start, swap_end, structure_every, structure_end, masked_adain, adain_background,
+                adain_start, segments, cfg, authors_step_counter=True, output_conditioning=None) -> io.NodeOutput:
         samples, run = transfer(model, clip, structure, appearance, structure_object, appearance_object, prompt, skip,
                                 contrast, swap_guidance, swap_start, swap_end, structure_every, structure_end,
-                                masked_adain, adain_start, segments, cfg, output_conditioning)
+                                masked_adain, adain_start, segments, cfg, output_conditioning, authors_step_counter,
+                                adain_background)
         masks = run.masks or {}
         return io.NodeOutput(
             {"samples": samples},

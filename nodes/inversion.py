@@ -19,6 +19,8 @@ Later nodes (StyleAligned from a photo, Cross-Image Attention) import `INVERSION
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import comfy.model_management
@@ -232,7 +234,8 @@ def invert(model, latent_image: torch.Tensor, positive, negative=None, cfg: floa
     else:
         sampler = comfy.samplers.KSAMPLER(sample_ddpm_inversion, {"holder": holder, "seed": seed, "node": node})
     noise = guided_sample(cfg_guider(model, positive, negative, cfg), sampler, sigmas, latent_image, seed)
-    return noise, holder.inversion.to(comfy.model_management.intermediate_device())
+    inversion = dataclasses.replace(holder.inversion, steps=steps)
+    return noise, inversion.to(comfy.model_management.intermediate_device())
 
 
 def replay(model, inversion: Inversion, positive, negative=None, cfg: float = 1.0,

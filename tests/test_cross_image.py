@@ -1,5 +1,8 @@
 """Cross-Image Attention math against direct float64 implementations of methods.md §2 (no host)."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +21,7 @@ from attention_lab.attention_patches.cross_image import (
     contrast,
     contrasted_attention,
     masked_adain,
+    label_clusters,
     object_clusters,
     object_mask,
     swap_guidance_scales,
@@ -121,6 +125,65 @@ def test_object_clusters_rule():
     assert not any(object_clusters([0.5, 0.5, 0.5, 0.5]))
 
 
+def authors_cluster2noun(clusters, nouns_maps, num_segments):
+    """`Segmentor.cluster2noun` of garibida/cross-image-attention, transcribed (numpy), minus the nltk
+    tagging: `nouns_maps` `[h, w, nouns]` already at the cluster grid; returns cluster -> noun index or "BG"."""
+    normalized = np.zeros_like(nouns_maps)
+    for i in range(nouns_maps.shape[-1]):
+        curr = nouns_maps[:, :, i]
+        normalized[:, :, i] = (curr - np.abs(curr.min())) / curr.max()
+    max_score, all_scores = 0, []
+    for c in range(num_segments):
+        cluster_mask = np.zeros_like(clusters)
+        cluster_mask[clusters == c] = 1
+        scores = [(cluster_mask * normalized[:, :, i]).sum() / cluster_mask.sum() for i in range(nouns_maps.shape[-1])]
+        all_scores.append(max(scores))
+        max_score = max(max(scores), max_score)
+    all_scores.remove(max_score)
+    mean_score = sum(all_scores) / len(all_scores)
+    result = {}
+    for c in range(num_segments):
+        cluster_mask = np.zeros_like(clusters)
+        cluster_mask[clusters == c] = 1
+        scores = [(cluster_mask * normalized[:, :, i]).sum() / cluster_mask.sum() for i in range(nouns_maps.shape[-1])]
+        result[c] = int(np.argmax(np.array(scores))) if max(scores) > 1.4 * mean_score else "BG"
+    return result
+
+
+def test_label_clusters_with_two_nouns_is_the_authors_rule():
+    # cluster 2 scores best for noun 1, cluster 0 for noun 0; clusters 1, 3 are background
+    scores = [[0.8, 0.3], [0.1, 0.12], [0.2, 0.9], [0.1, 0.05]]
+    assert label_clusters(scores) == [0, None, 1, None]
+    # the bar is over every cluster's best score (noun 1's 0.9 is left out, 0.8 is in it):
+    # 1.4 * mean(0.8, 0.12, 0.1) = 0.476 < 0.8
+    assert label_clusters([[0.8, 0.3], [0.1, 0.12], [0.2, 0.9], [0.1, 0.05]], ratio=2.5) == [None, None, 1, None]
+
+
+def test_object_mask_with_two_nouns_matches_the_authors_cluster2noun():
+    """Two planted objects, two noun maps: a cluster goes to the noun of its best score (the authors'
+    rule); scoring only the object noun's map (one noun) would also take the other object's cluster."""
+    from attention_lab.attention_patches.segmentation import kmeans_segments
+
+    h = w = 8
+    groups = (torch.arange(h * w).reshape(h, w) // (3 * w)).clone()  # three background bands: five groups
+    groups[1:4, 1:4] = 8  # object A
+    groups[5:8, 5:8] = 9  # object B
+    attention = (groups.reshape(-1)[:, None] == groups.reshape(-1)[None, :]).double()
+    attention = attention / attention.sum(-1, keepdim=True)
+    noun_a = torch.full((h, w), 0.05)
+    noun_a[1:4, 1:4], noun_a[5:8, 5:8] = 1.0, 0.6  # A's word also leaks onto B
+    noun_b = torch.full((h, w), 0.05)
+    noun_b[5:8, 5:8] = 1.0
+    labels = kmeans_segments(attention, (h, w), 5, 1)
+    authors = authors_cluster2noun(labels.numpy(), torch.stack([noun_a, noun_b], -1).double().numpy(), 5)
+    expected = torch.tensor([authors[int(c)] == 0 for c in labels.reshape(-1)]).reshape(h, w)
+    mask = object_mask(attention, (h, w), [noun_a, noun_b], clusters=5, object_nouns=(0,))
+    assert torch.equal(mask.bool(), expected)
+    assert torch.equal(expected, groups == 8)
+    # one noun: B's cluster (0.6) beats 1.4x the background's mean as well
+    assert object_mask(attention, (h, w), noun_a, clusters=5).bool()[6, 6]
+
+
 def test_object_mask_on_planted_attention():
     """Tokens in a planted square attend only among themselves, and the object word's map covers that
     square: the mask is the square."""
@@ -137,13 +200,35 @@ def test_object_mask_on_planted_attention():
     assert torch.equal(mask.bool(), region)
 
 
-def test_schedule_reproduces_the_authors_steps():
+def authors_step_plan(steps=68, swap_guidance_scale=3.5):
+    """What garibida/cross-image-attention runs at each denoising step i, transcribed:
+    `AppearanceTransferModel.get_adain_callback` sets `self.step = st` after step i, so step i's attention
+    reads `model.step` = i − 1 (0 at i = 0); `should_mix_keys_and_values` swaps where
+    `cross_attn_64_range.start (10) <= model.step < end (90)`; the structure's keys when
+    `model.step % 5 == 0 and model.step < 40`; the pipeline's swap guidance uses i itself
+    (`cross_image_attention_range.start <= i <= end`, λ = linspace(3.5, max(3.5/2, 1), n)[count])."""
+    plan, model_step = [], 0
+    strengths = [swap_guidance_scale + (max(swap_guidance_scale / 2, 1.0) - swap_guidance_scale) * k / (steps - 1)
+                 for k in range(steps)]
+    for i in range(steps):
+        swap = 10 <= model_step < 90
+        source = ("structure" if model_step % 5 == 0 and model_step < 40 else "appearance") if swap else None
+        guidance = strengths[i] if 10 <= i <= 90 else None
+        plan.append((swap, source, guidance))
+        model_step = i  # the step-end callback
+    return plan
+
+
+def test_schedule_reproduces_what_the_authors_code_runs():
     s = CrossImageSchedule(68)
-    assert [k for k in range(68) if s.swaps(k)] == list(range(10, 68))
-    assert [k for k in range(68) if s.swaps(k) and s.source(k) == STRUCTURE] == [10, 15, 20, 25, 30, 35]
-    assert s.source(11) == APPEARANCE and s.source(40) == APPEARANCE
+    plan = authors_step_plan()
+    assert [k for k in range(68) if s.swaps(k)] == [i for i, (swap, _, _) in enumerate(plan) if swap] == list(range(11, 68))
+    assert [k for k in range(68) if s.swaps(k) and s.source(k) == STRUCTURE] == [11, 16, 21, 26, 31, 36]
+    assert all(s.source(k) == source for k, (swap, source, _) in enumerate(plan) if swap)
+    # swap guidance reads the step itself; at step 10 the authors' swap and no-swap passes are equal,
+    # so their guided prediction is the plain one, as the pack's (no swap, no extra call)
+    assert all(math.isclose(s.guidance_scale(k), plan[k][2]) for k in range(11, 68))
     assert s.adain_step == 20
-    assert s.guidance_scale(10) == swap_guidance_scales(3.5, 68)[10]
     assert CrossImageSchedule(68, guidance=1.0).guidance_scale(10) is None
     assert CrossImageSchedule(68, adain=False).adain_step is None
     assert not any(CrossImageSchedule(68, structure_every=0).source(k) == STRUCTURE for k in range(68))
@@ -151,6 +236,15 @@ def test_schedule_reproduces_the_authors_steps():
         CrossImageSchedule(10, swap_start=0.8, swap_end=0.5)
     with pytest.raises(ValueError, match="swap_guidance"):
         CrossImageSchedule(10, guidance=0.5)
+    with pytest.raises(ValueError, match="attention_lag"):
+        CrossImageSchedule(10, attention_lag=2)
+
+
+def test_schedule_without_the_lag_is_the_papers_stated_steps():
+    s = CrossImageSchedule(68, attention_lag=0)
+    assert [k for k in range(68) if s.swaps(k)] == list(range(10, 68))
+    assert [k for k in range(68) if s.swaps(k) and s.source(k) == STRUCTURE] == [10, 15, 20, 25, 30, 35]
+    assert s.source(11) == APPEARANCE and s.source(40) == APPEARANCE
 
 
 # -- the technique on planted calls ----------------------------------------------------

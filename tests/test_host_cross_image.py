@@ -153,3 +153,81 @@ def test_controlnet_steers_the_output_branch_only(sd15, xi):
     schedule = run.schedule
     assert asked == [2 if schedule.swaps(step) else 1 for step in range(schedule.steps)]
     assert (controlled - plain).abs().max().item() > 1e-3
+
+
+def test_refuses_ddim_inversions_and_names_the_steps_it_was_given(sd15, tiny, inv, xi):
+    model, clip, structure, appearance = sd15
+    positive = xi.encode(clip, APPEARANCE_PROMPT)
+    _, ddim = inv.invert(model, user_latent(model, 2), positive, steps=STEPS, method="ddim")
+    with pytest.raises(ValueError, match="CrossImageAttention: appearance: a 'ddim' inversion;.*method 'ddpm'"):
+        xi.transfer(model, clip, structure, ddim, "cat", "dog")
+    with pytest.raises(ValueError, match="CrossImageAttention: structure: a 'ddim' inversion"):
+        xi.transfer(model, clip, ddim, appearance, "cat", "dog")
+    # ddim_uniform walks 13 steps when asked for 12: the message names the steps the user set
+    assert structure.num_steps != STEPS and structure.steps == STEPS
+    eight = invert(inv, xi, model, clip, APPEARANCE_PROMPT, seed=2, steps=8)
+    with pytest.raises(ValueError, match="another schedule than the structure \\(8 steps against the structure's 12\\)"):
+        xi.transfer(model, clip, structure, eight, "cat", "dog")
+
+
+def test_an_appearance_of_another_size_is_named_in_a_warning(sd15, inv, xi, caplog):
+    model, clip, structure, _ = sd15
+    wide = invert(inv, xi, model, clip, APPEARANCE_PROMPT, seed=2, shape=(1, 4, 12, 20))
+    with caplog.at_level("WARNING", logger="attention_lab"):
+        xi.check_inversions(structure, wide)
+    assert "CrossImageAttention: appearance: its latent is 12x20, the structure's 16x16" in caplog.text
+
+
+def test_object_words_missing_from_the_prompt_are_refused_when_the_graph_is_validated(host, pack):
+    """ComfyUI's own prompt validation refuses the graph, so neither DDIMInvert runs."""
+    import asyncio
+    import json
+    from pathlib import Path
+
+    workflow = json.loads((Path(__file__).resolve().parents[1] / "examples" / "cross_image_transfer.json").read_text())
+    prompt = host.to_prompt(workflow)
+    node_id = next(k for k, v in prompt.items() if v["class_type"] == "CrossImageAttention")
+    valid, _, _, errors = asyncio.run(host.execution.validate_prompt("t", prompt, None))
+    assert valid, errors
+    prompt[node_id]["inputs"].update(prompt="a photo of a star", structure_object="star", appearance_object="square")
+    valid, _, _, errors = asyncio.run(host.execution.validate_prompt("t", prompt, None))
+    assert not valid
+    text = json.dumps(errors[node_id])
+    assert "CrossImageAttention: appearance_object:" in text and "is not in the prompt" in text
+    cls = host.nodes.NODE_CLASS_MAPPINGS["CrossImageAttention"]
+    assert "structure_object: name the object" in cls.validate_inputs(" ", "dog", "a {}")
+    assert cls.validate_inputs("cat", "dog", "a {}") is True
+
+
+def test_masks_read_every_layer_of_the_two_top_decoder_levels(sd15, xi, pack):
+    """One layer's self-attention can be near-uniform on a small model (the demo model's last 16² layer), so
+    the clusters come from the mean over the highest decoder level's layers, the labels from the next level's."""
+    model, clip, structure, appearance = sd15
+    patching = importlib.import_module(pack.__name__ + ".nodes.patching")
+    levels = patching.decoder_levels(model)
+    _, run = xi.transfer(model, clip, structure, appearance, "cat", "dog")
+    assert run.recorder.selection.layers == frozenset(levels[0] + levels[1])
+
+
+def test_adain_background_matches_the_background_outside_the_masks(sd15, xi, pack):
+    """With planted masks: the object is matched either way; adain_background also moves the background's
+    statistics (outside the structure's mask) to those of the appearance's background."""
+    ci = importlib.import_module(pack.__name__ + ".attention_patches.cross_image")
+    model, clip, structure, appearance = sd15
+    _, run = xi.transfer(model, clip, structure, appearance, "cat", "dog")
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 4:10, 5:12] = 1
+    run.masks = {"structure": mask, "appearance": torch.roll(mask, 3, -1)}
+    step = run.schedule.adain_step
+    x = run.latent("structure", step + 1, "cpu")
+    object_only = run.after_step(step, x)
+    run.adain_background = True
+    both = run.after_step(step, x)
+    inside = mask[0] > 0.5
+    assert torch.allclose(both[..., inside], object_only[..., inside])
+    assert torch.allclose(object_only[..., ~inside], x[..., ~inside], atol=1e-5)
+    scale = xi.vp_scale(float(run.sigmas[run.skip + step + 1]))
+    style = run.latent("appearance", step + 1, "cpu")[0] / scale
+    expected = ci.masked_adain(object_only[0] / scale, style, 1 - mask[0], 1 - run.masks["appearance"][0]) * scale
+    assert torch.allclose(both[0], expected, atol=1e-5)
+    assert (both - object_only)[..., ~inside].abs().max().item() > 1e-3
