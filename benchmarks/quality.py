@@ -40,6 +40,7 @@ HELD_OUT_SEED = 2**32  # demo/train.py never trains on world seeds from here on
 SIZE = 128
 OUTCOMES = ("correct", "neglect", "fusion", "binding", "other")
 CROSS_IMAGE_NODE = "CrossImageAttention"
+P2P_NODE = "PromptToPromptEdit"
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,11 @@ class Plan:
     segment_images: int = 6  # generated, and as many rendered
     inversion_scenes: int = 6
     cross_image_pairs: int = 4
+    p2p_edits: int = 4  # per kind (colour swap, shape swap)
 
 
 QUICK = Plan(single_prompts=2, two_object_prompts=2, vae_scenes=2, style_sets=1, bounded_prompts=1,
-             segment_images=1, inversion_scenes=1, cross_image_pairs=1)
+             segment_images=1, inversion_scenes=1, cross_image_pairs=1, p2p_edits=1)
 
 
 class Lab:
@@ -391,7 +393,96 @@ def cross_image_attention(lab: Lab) -> list[dict]:
              "baseline": mean(stats["without"][key]), "n": len(stats["with"][key])} for key in labels]
 
 
-MEASUREMENTS = [model_figures, style_aligned, bounded_attention, self_attn_segment, ddim_inversion, cross_image_attention]
+def p2p_sample(lab: Lab, guider, seed: int) -> dict:
+    """SamplerCustomAdvanced's code path (RandomNoise, KSamplerSelect euler, BasicScheduler normal) on one
+    empty 128² latent."""
+    import comfy.sample
+    import comfy.samplers
+
+    latent = lab.torch.zeros(1, 4, SIZE // 8, SIZE // 8)
+    sigmas = comfy.samplers.calculate_sigmas(lab.model.get_model_object("model_sampling"), "normal", lab.plan.steps)
+    samples = guider.sample(comfy.sample.prepare_noise(latent, seed), latent, comfy.samplers.sampler_object("euler"),
+                            sigmas, disable_pbar=True, seed=seed)
+    return {"samples": samples}
+
+
+def p2p_edits(lab: Lab, kind: str) -> list[tuple[str, str, str, str, str]]:
+    """(source prompt, edited prompt, changed word before, after, the object's shape after) per edit."""
+    import numpy as np
+
+    world = lab.world
+    rng = np.random.default_rng(HELD_OUT_SEED % 1000 + (7 if kind == "colour" else 11))
+    colours = [c for c in world.COLORS if c != "black"]
+    edits = []
+    for _ in range(lab.plan.p2p_edits):
+        background = str(rng.choice([c for c in world.BACKGROUND_COLORS if c not in ("red", "blue", "green")]))
+        style = str(rng.choice(["striped", "dotted", "plain"]))
+        colour, new_colour = (str(c) for c in rng.choice([c for c in colours if c != background], 2, replace=False))
+        shape, new_shape = (str(s) for s in rng.choice(world.SHAPES, 2, replace=False))
+        if kind == "colour":
+            new_shape = shape
+        else:
+            new_colour = colour
+        template = "a {} {} on a {} {} background"
+        edits.append((template.format(colour, shape, style, background),
+                      template.format(new_colour, new_shape, style, background),
+                      colour if kind == "colour" else shape, new_colour if kind == "colour" else new_shape, new_shape))
+    return edits
+
+
+def prompt_to_prompt(lab: Lab) -> list[dict]:
+    """Colour swaps ("a red circle ..." -> "a blue circle ...") and shape swaps ("circle" -> "square") with
+    PromptToPromptEdit (SamplerCustomAdvanced, euler, the plan's steps and CFG): edit success (the detector reads
+    the edited object: new colour and shape), IoU of the edited object's box with the source's, PSNR outside
+    both objects between source and edit. Settings: the authors' defaults, and with local blend on the changed
+    words (threshold 0.6: the demo model's word maps are diffuse, its background holds ~40% of the peak, so
+    0.3 selects every pixel), and with cross-attention replaced only in the first 20% of the steps. Baseline: the same seed with the edited prompt (what users do today)."""
+    if P2P_NODE not in lab.nodes.NODE_CLASS_MAPPINGS:
+        return [{"section": "Prompt-to-Prompt", "metric": "missing (issue 31)", "value": None, "baseline": None, "n": 0}]
+    import numpy as np
+
+    detect = lab.detect
+    settings = {"defaults": {}, "local blend": {"blend_threshold": 0.6}, "cross_replace_steps 0.2": {"cross_replace_steps": 0.2}}
+    rows = []
+    for kind in ("colour", "shape"):
+        stats = {name: {"success": [], "iou": [], "psnr": []} for name in (*settings, "baseline")}
+        for i, (source, edited, old, new, new_shape) in enumerate(p2p_edits(lab, kind)):
+            seed = HELD_OUT_SEED + 90_000 + i + (0 if kind == "colour" else 1000)
+            outputs = {}
+            for name, extra in settings.items():
+                if name == "local blend":
+                    extra = {**extra, "blend_words": f"{old}, {new}"}
+                guider = lab.node(P2P_NODE, model=lab.model, clip=lab.clip, negative=lab.encode([""]),
+                                  source_prompt=source, edit_prompts=edited, cfg=lab.plan.cfg, **extra)[0]
+                outputs[name] = lab.images(p2p_sample(lab, guider, seed))
+            source_image = outputs["defaults"][0]
+            outputs["baseline"] = [source_image, lab.images(lab.sample(lab.model, [edited], seed))[0]]
+            source_objects = detect.detect(source_image).objects
+            for name, images in outputs.items():
+                src, out = images[0], images[1]
+                found = detect.detect(out).objects
+                hit = [o for o in found if (o.color, o.shape) == (new if kind == "colour" else o.color, new_shape)
+                       and (kind == "shape" or o.color == new)]
+                stats[name]["success"].append(bool(hit))
+                if hit and source_objects:
+                    stats[name]["iou"].append(max(detect.box_iou(hit[0].box, s.box) for s in source_objects))
+                outside = np.ones(src.shape[:2], bool)
+                for o in found + detect.detect(src).objects:
+                    outside &= ~o.mask
+                if outside.any():
+                    stats[name]["psnr"].append(psnr(src[outside], out[outside]))
+        labels = {"success": f"{kind} swap: edit success (detector reads the edit)",
+                  "iou": f"{kind} swap: edited object's box IoU with the source's",
+                  "psnr": f"{kind} swap: PSNR outside the objects, edit vs source (dB)"}
+        for name in settings:
+            for key, label in labels.items():
+                rows.append({"section": f"Prompt-to-Prompt ({name})", "metric": label, "value": mean(stats[name][key]),
+                             "baseline": mean(stats["baseline"][key]), "n": len(stats[name][key])})
+    return rows
+
+
+MEASUREMENTS = [model_figures, style_aligned, bounded_attention, self_attn_segment, ddim_inversion, cross_image_attention,
+                prompt_to_prompt]
 
 
 def main(argv: list[str] | None = None) -> dict:
