@@ -1,0 +1,135 @@
+"""PromptToPromptEdit inside real ComfyUI sampling, on the demo model (a real trained SD1.5-architecture UNet)."""
+
+import importlib
+
+import pytest
+import torch
+
+STEPS = 8
+SOURCE = "a red circle on a striped yellow background"
+EDIT = "a blue circle on a striped yellow background"
+
+
+@pytest.fixture(scope="module")
+def p2p(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.prompt_to_prompt")
+
+
+@pytest.fixture(scope="module")
+def demo(pack):
+    model, clip, _ = pack.nodes.demo.DemoModelLoader.execute().result
+    return model, clip
+
+
+def negative(clip):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(""))
+
+
+def separate_calls(model):
+    """Force cond and uncond into separate UNet calls, as ComfyUI does under memory pressure."""
+    m = model.clone()
+    m.add_object_patch("memory_required", lambda *args, **kwargs: 1e30)
+    return m
+
+
+def run(p2p, model, clip, source=SOURCE, edits=(EDIT,), cfg=5.0, seed=2, batch=1, **controls):
+    import comfy.sample
+    import comfy.samplers
+
+    guider = p2p.PromptToPromptEdit.execute(
+        model=model, clip=clip, negative=negative(clip), source_prompt=source, edit_prompts="\n".join(edits),
+        mode=controls.pop("mode", "auto"), cfg=cfg,
+        cross_replace_steps=controls.pop("cross_replace_steps", 0.8),
+        self_replace_steps=controls.pop("self_replace_steps", 0.4), reweight=controls.pop("reweight", ""),
+        word_cross_replace_steps=controls.pop("word_cross_replace_steps", ""),
+        blend_words=controls.pop("blend_words", ""), blend_threshold=controls.pop("blend_threshold", 0.3)).result[0]
+    assert not controls
+    latent = torch.zeros(batch, 4, 16, 16)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", STEPS)
+    out = guider.sample(comfy.sample.prepare_noise(latent, seed), latent, comfy.samplers.sampler_object("euler"),
+                        sigmas, disable_pbar=True, seed=seed)
+    return out, guider
+
+
+def plain(model, clip, text, cfg=5.0, seed=2):
+    import comfy.sample
+
+    latent = torch.zeros(1, 4, 16, 16)
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    return comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), STEPS, cfg, "euler", "normal",
+                               positive, negative(clip), latent, seed=seed, disable_pbar=True)
+
+
+@pytest.mark.parametrize("cfg,split", [(5.0, False), (1.0, False), (5.0, True)], ids=["cfg5", "cfg1", "split"])
+def test_identity_edit_reproduces_the_source(p2p, demo, cfg, split):
+    model, clip = demo
+    model = separate_calls(model) if split else model
+    out, _ = run(p2p, model, clip, edits=(SOURCE,), cfg=cfg)
+    assert out.shape[0] == 2
+    assert (out[1] - out[0]).abs().max() <= 1e-5
+    # the source row is the ordinary generation of the source prompt (up to batching numerics)
+    torch.testing.assert_close(out[:1], plain(model, clip, SOURCE, cfg), atol=2e-3, rtol=0)
+
+
+def test_without_replacement_the_edit_is_the_edited_prompts_own_generation(p2p, demo):
+    model, clip = demo
+    out, _ = run(p2p, model, clip, cross_replace_steps=0.0, self_replace_steps=0.0)
+    torch.testing.assert_close(out[1:], plain(model, clip, EDIT), atol=2e-3, rtol=0)
+    replaced, _ = run(p2p, model, clip)
+    assert (replaced[1] - out[1]).abs().mean() > 0.05  # the source's maps change the edit
+    torch.testing.assert_close(replaced[0], out[0])  # and never the source
+
+
+@pytest.mark.parametrize("control", [dict(self_replace_steps=0.0), dict(cross_replace_steps=0.0),
+                                     dict(reweight="striped=3"), dict(word_cross_replace_steps="blue=0.2")])
+def test_each_control_changes_the_edit_only(p2p, demo, control):
+    model, clip = demo
+    reference, _ = run(p2p, model, clip)
+    changed, _ = run(p2p, model, clip, **control)
+    assert (changed[1] - reference[1]).abs().mean() > 1e-3
+    torch.testing.assert_close(changed[0], reference[0])
+
+
+def test_local_blend_keeps_the_source_outside_the_mask(p2p, demo):
+    model, clip = demo
+    out, guider = run(p2p, model, clip, blend_words="circle", blend_threshold=0.8)
+    mask = guider.technique.blend_mask(tuple(out.shape[-2:]))
+    assert 0 < mask[1].mean() < 1, "the demo's circle map at threshold 0.8 selects part of the image"
+    outside = mask[1, 0] == 0
+    assert (out[1][:, outside] - out[0][:, outside]).abs().max() <= 1e-5
+    free, _ = run(p2p, model, clip)
+    assert (free[1][:, outside] - free[0][:, outside]).abs().max() > 1e-3  # without blend it would differ there
+
+
+def test_several_edits_and_images_in_one_batch(p2p, demo):
+    model, clip = demo
+    edits = (EDIT, "a red square on a striped yellow background", SOURCE)
+    out, _ = run(p2p, model, clip, edits=edits, batch=2)
+    assert out.shape[0] == 8  # per image: the source and three edits
+    for image in range(2):
+        group = out[image * 4:(image + 1) * 4]
+        assert (group[3] - group[0]).abs().max() <= 1e-5  # the unchanged prompt reproduces its source
+    assert (out[0] - out[4]).abs().mean() > 0.05  # two images from two noises
+
+
+def test_refine_adds_words(p2p, demo):
+    model, clip = demo
+    out, guider = run(p2p, model, clip, source="a circle on a striped yellow background", edits=(SOURCE,))
+    edit = guider.technique.edits[0]
+    assert edit.residual[2] == 1 and edit.residual[3] == 0  # 'red' is added: its own map; 'circle' aligned
+    assert (out[1] - out[0]).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("controls, message", [
+    (dict(edits=("a red circle on stripes",), mode="word swap"), "edit_prompts: a word swap needs as many words"),
+    (dict(edits=("a big circle on a striped yellow background",), mode="refine"), "lacks 'red'"),
+    (dict(blend_words="square"), "blend_words: 'square' is in none of the prompts"),
+    (dict(reweight="green=2"), "reweight: 'green' is in no edited prompt"),
+    (dict(reweight="blue=lots"), "reweight: 'blue=lots': the weight is not a number"),
+    (dict(word_cross_replace_steps="blue=0.9-0.2"), "word_cross_replace_steps"),
+    (dict(edits=()), "edit_prompts: no edited prompt"),
+])
+def test_clear_errors_before_sampling(p2p, demo, controls, message):
+    model, clip = demo
+    with pytest.raises(ValueError, match=f"PromptToPromptEdit: .*{message}" if not message.startswith("Prompt") else message):
+        run(p2p, model, clip, **controls)
