@@ -133,3 +133,42 @@ def test_clear_errors_before_sampling(p2p, demo, controls, message):
     model, clip = demo
     with pytest.raises(ValueError, match=f"PromptToPromptEdit: .*{message}" if not message.startswith("Prompt") else message):
         run(p2p, model, clip, **controls)
+
+
+def test_node_schema_tooltips_and_the_authors_defaults(p2p):
+    schema = p2p.PromptToPromptEdit.define_schema()
+    assert schema.node_id == "PromptToPromptEdit" and schema.category.startswith("attention_lab/")
+    assert all(getattr(i, "tooltip", None) for i in schema.inputs)
+    defaults = {i.id: getattr(i, "default", None) for i in schema.inputs}
+    assert defaults["cross_replace_steps"] == 0.8 and defaults["self_replace_steps"] == 0.4
+    assert defaults["blend_threshold"] == 0.3 and defaults["cfg"] == 7.5
+
+
+@pytest.mark.parametrize("cfg", [5.0, 1.0])
+def test_sdxl_unet(p2p, demo, tiny, cfg):
+    """An SDXL UNet (tiny, random weights; conditioning with pooled output and size) through the guider: the
+    unchanged prompt reproduces the source, a changed one differs, and local blend finds its maps."""
+    import comfy.sample
+    import comfy.samplers
+
+    _, clip = demo  # tokens only: the alignment of the two texts
+    model = tiny.sdxl_unet(seed=3)
+    technique = p2p.build_technique(clip, SOURCE, [SOURCE, EDIT], blend_words="circle")
+    g = torch.Generator().manual_seed(5)
+    conds = torch.randn(2, 77, tiny.TEXT_HIDDEN, generator=g)
+    cond = torch.cat([conds[:1], conds[:1], conds[1:]])  # source, unchanged edit, changed edit
+    extra = {"pooled_output": torch.randn(1, tiny.SDXL_POOLED, generator=g).repeat(3, 1), "width": 128, "height": 128}
+    negative = [[torch.zeros(1, 77, tiny.TEXT_HIDDEN), dict(extra, pooled_output=torch.zeros(1, tiny.SDXL_POOLED))]]
+    patched = model.clone()
+    importlib.import_module(p2p.__name__.rsplit(".", 1)[0] + ".patching").attach_router(patched).add(technique)
+    guider = p2p.PromptToPromptGuider(patched, technique)
+    guider.set_conds([[cond, extra]], negative)
+    guider.set_cfg(cfg)
+    latent = torch.zeros(1, 4, 16, 16)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4)
+    out = guider.sample(comfy.sample.prepare_noise(latent, 1), latent, comfy.samplers.sampler_object("euler"), sigmas,
+                        disable_pbar=True, seed=1)
+    assert out.shape[0] == 3 and torch.isfinite(out).all()
+    assert (out[1] - out[0]).abs().max() <= 1e-5
+    assert (out[2] - out[0]).abs().mean() > 1e-4
+    assert technique.blend_grid is not None
