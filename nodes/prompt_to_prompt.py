@@ -26,10 +26,13 @@ import torch
 from comfy_api.latest import io
 
 from ..attention_patches import prompt_to_prompt as p2p
+from ..inversion import Inversion
+from .inversion import INVERSION, guided_sample, sample_replay
 from .patching import attach_router
 from .segment import prompt_words
 
 NODE = "PromptToPromptEdit"
+IMAGE_NODE = "PromptToPromptEditInversion"
 MODES = ("auto", "word swap", "refine")
 FRACTION = dict(min=0.0, max=1.0, step=0.01)
 
@@ -277,3 +280,77 @@ class PromptToPromptEdit(io.ComfyNode):
             cross_replace_steps=cross_replace_steps, self_replace_steps=self_replace_steps, reweight=reweight,
             word_cross_replace_steps=word_cross_replace_steps, blend_words=blend_words,
             blend_threshold=blend_threshold))
+
+
+def edit_inversion(model, clip, inversion, negative, source_prompt: str, edit_prompts: list[str], cfg: float,
+                   add_final_residual: bool = False, **controls) -> torch.Tensor:
+    """Prompt-to-Prompt on an inverted image: every group `[source, edits...]` replays the INVERSION.
+
+    DDPM (edit-friendly): all rows replay the stored noise maps, so the source row
+    reconstructs the image (with the inversion's prompt, negative and cfg) and the
+    edits share its noise. DDIM: deterministic sampling from the inverted noise.
+    Returns the user-space LATENT tensor, rows `[source, edit_1, ...]` per image.
+    """
+    if not isinstance(inversion, Inversion):
+        raise ValueError(f"{IMAGE_NODE}: inversion: expected an INVERSION from DDIMInvert, got "
+                         f"{type(inversion).__name__}")
+    channels = model.get_model_object("latent_format").latent_channels
+    if inversion.latents.shape[2] != channels:
+        raise ValueError(f"{IMAGE_NODE}: inversion: its latent has {inversion.latents.shape[2]} channels, the model's "
+                         f"{channels}: invert with the model you edit with")
+    guider = make_guider(model, clip, negative, source_prompt, edit_prompts, cfg, **controls)
+    group = guider.technique.group
+    spread = lambda t: None if t is None else t.repeat_interleave(group, dim=1 if t.dim() == 5 else 0)  # noqa: E731
+    grouped = Inversion(latents=spread(inversion.latents), sigmas=inversion.sigmas, kind=inversion.kind,
+                        noise_maps=spread(inversion.noise_maps), final_residual=spread(inversion.final_residual))
+    sigmas = inversion.sampling_sigmas
+    sampler = comfy.samplers.KSAMPLER(sample_replay, {"inversion": grouped, "add_final_residual": add_final_residual,
+                                                      "node": IMAGE_NODE})
+    x_start = model.model.process_latent_out(inversion.latent_at(float(sigmas[0])))
+    return guided_sample(guider, sampler, sigmas, x_start, seed=0)
+
+
+class PromptToPromptEditInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        schema = PromptToPromptEdit.define_schema()
+        controls = [i for i in schema.inputs if i.id not in ("model", "clip", "negative", "cfg")]
+        return io.Schema(
+            node_id=IMAGE_NODE,
+            display_name="Prompt-to-Prompt Edit Image (Attention Lab)",
+            category="attention_lab/editing",
+            description=(
+                "Prompt-to-Prompt on a real image: invert it with DDIMInvert (method ddpm: the source branch then "
+                "reconstructs the image exactly), give the prompt it was inverted with as source_prompt, and this "
+                "node replays the inversion for the source and every edited prompt in one run. Outputs the source "
+                "and each edit per image, in order."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the image was inverted with (patches compose)."),
+                io.Clip.Input("clip", tooltip="Encodes the source and edited prompts and aligns their words."),
+                INVERSION.Input("inversion", tooltip="From DDIMInvert. ddpm: exact source reconstruction; ddim: "
+                                                     "deterministic sampling from the inverted noise."),
+                io.Conditioning.Input("negative", tooltip="The negative the image was inverted with (CLIPTextEncode); "
+                                                          "unused at cfg 1."),
+                io.Float.Input("cfg", default=1.0, min=1.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="The cfg the image was inverted with (DDIMInvert's): the source branch "
+                                       "reconstructs the image only with the inversion's prompt, negative and cfg."),
+                *controls,
+                io.Boolean.Input("add_final_residual", default=False,
+                                 tooltip="ddpm only: add the inversion's last-step residual to every row (exact "
+                                         "source reconstruction; it also carries the source's fine detail into "
+                                         "the edits). Off as in the papers."),
+            ],
+            outputs=[io.Latent.Output(tooltip="Per image: the source (reconstruction), then each edit, in order.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, inversion, negative, cfg, source_prompt, edit_prompts, mode, cross_replace_steps,
+                self_replace_steps, reweight, word_cross_replace_steps, blend_words, blend_threshold,
+                add_final_residual) -> io.NodeOutput:
+        edits = [line.strip() for line in edit_prompts.splitlines() if line.strip()]
+        return io.NodeOutput({"samples": edit_inversion(
+            model, clip, inversion, negative, source_prompt.strip(), edits, cfg, add_final_residual, mode=mode,
+            cross_replace_steps=cross_replace_steps, self_replace_steps=self_replace_steps, reweight=reweight,
+            word_cross_replace_steps=word_cross_replace_steps, blend_words=blend_words,
+            blend_threshold=blend_threshold)})

@@ -172,3 +172,40 @@ def test_sdxl_unet(p2p, demo, tiny, cfg):
     assert (out[1] - out[0]).abs().max() <= 1e-5
     assert (out[2] - out[0]).abs().mean() > 1e-4
     assert technique.blend_grid is not None
+
+
+@pytest.fixture(scope="module")
+def scene(pack, demo):
+    """A rendered demo-world scene (a red circle on yellow stripes), VAE-encoded, and DDPM-inverted at cfg 5."""
+    from attention_lab.demo import world
+
+    model, clip = demo
+    _, _, vae = pack.nodes.demo.DemoModelLoader.execute().result
+    inv = importlib.import_module(pack.__name__ + ".nodes.inversion")
+    rendered = world.render(world.random_scene(7, objects=[("red", "circle")], style="stripes",
+                                              background_color="yellow"), 128)
+    latent = vae.encode(torch.from_numpy(rendered.image).float()[None] / 255)
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(SOURCE))
+    _, inversion = inv.invert(model, latent, positive, negative(clip), cfg=5.0, steps=STEPS, scheduler="normal",
+                              method="ddpm", seed=3)
+    replay = inv.replay(model, inversion, positive, negative(clip), cfg=5.0, add_final_residual=True)
+    return inversion, replay
+
+
+def test_real_image_source_branch_replays_the_ddpm_inversion(p2p, demo, scene):
+    model, clip = demo
+    inversion, replay = scene
+    out = p2p.edit_inversion(model, clip, inversion, negative(clip), SOURCE, [SOURCE, EDIT], 5.0,
+                             add_final_residual=True, cross_replace_steps=0.2)
+    assert out.shape[0] == 3
+    # the source reconstructs the image: up to the float noise of running the UNet on a batch of 3 rather than 1
+    # (about 5e-4 after 8 steps on CPU), which the chaotic trajectory carries to the end
+    torch.testing.assert_close(out[:1], replay, atol=1e-3, rtol=0)
+    assert (out[1] - out[0]).abs().max() <= 1e-4  # an unchanged prompt too
+    assert (out[2] - out[0]).abs().mean() > 1e-2  # the edit changes it
+
+
+def test_real_image_errors(p2p, demo, scene):
+    model, clip = demo
+    with pytest.raises(ValueError, match="PromptToPromptEditInversion: inversion: expected an INVERSION"):
+        p2p.edit_inversion(model, clip, "noise", negative(clip), SOURCE, [EDIT], 5.0)
