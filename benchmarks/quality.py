@@ -406,6 +406,22 @@ def p2p_sample(lab: Lab, guider, seed: int) -> dict:
     return {"samples": samples}
 
 
+PROMPT_SWITCH = 0.4  # the prompt-switch baseline: the source prompt for this share of the steps, then the edit
+
+
+def p2p_prompt_switch(lab: Lab, source: str, edited: str, seed: int) -> dict:
+    """ComfyUI's prompt scheduling (ConditioningSetTimestepRange): the source prompt, then the edited one."""
+    import comfy.sample
+    import comfy.samplers
+    import node_helpers
+
+    first = node_helpers.conditioning_set_values(lab.encode([source]), {"start_percent": 0.0, "end_percent": PROMPT_SWITCH})
+    then = node_helpers.conditioning_set_values(lab.encode([edited]), {"start_percent": PROMPT_SWITCH, "end_percent": 1.0})
+    latent = {"samples": lab.torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
+    return lab.nodes.common_ksampler(lab.model, seed, lab.plan.steps, lab.plan.cfg, "euler", "normal", first + then,
+                                     lab.encode([""]), latent)[0]
+
+
 def p2p_edits(lab: Lab, kind: str) -> list[tuple[str, str, str, str, str]]:
     """(source prompt, edited prompt, changed word before, after, the object's shape after) per edit."""
     import numpy as np
@@ -437,7 +453,9 @@ def prompt_to_prompt(lab: Lab) -> list[dict]:
     both objects between source and edit. Settings: the authors' defaults; with local blend on the object's
     shape word(s) (threshold 0.8: the demo model's 16² word maps are diffuse, the background holds 40-60% of
     the peak, so the authors' 0.3 selects every pixel); and local blend with cross-attention replaced only in the
-    first 20% of the steps. Baseline: the same seed with the edited prompt (what users do today)."""
+    first 20% of the steps. Baseline: the same seed with the edited prompt (what users do today); a second
+    baseline, ComfyUI's prompt scheduling (source prompt for the first 40% of the steps, then the edit), has its
+    own rows."""
     if P2P_NODE not in lab.nodes.NODE_CLASS_MAPPINGS:
         return [{"section": "Prompt-to-Prompt", "metric": "missing (issue 31)", "value": None, "baseline": None, "n": 0}]
     import numpy as np
@@ -446,7 +464,7 @@ def prompt_to_prompt(lab: Lab) -> list[dict]:
     settings = {"defaults": {}, "local blend": {"blend_threshold": 0.8}, "cross 0.2 + local blend": {"cross_replace_steps": 0.2, "blend_threshold": 0.8}}
     rows = []
     for kind in ("colour", "shape"):
-        stats = {name: {"success": [], "iou": [], "psnr": []} for name in (*settings, "baseline")}
+        stats = {name: {"success": [], "iou": [], "psnr": []} for name in (*settings, "baseline", "prompt switch")}
         for i, (source, edited, old, new, new_shape) in enumerate(p2p_edits(lab, kind)):
             seed = HELD_OUT_SEED + 90_000 + i + (0 if kind == "colour" else 1000)
             outputs = {}
@@ -458,6 +476,7 @@ def prompt_to_prompt(lab: Lab) -> list[dict]:
                 outputs[name] = lab.images(p2p_sample(lab, guider, seed))
             source_image = outputs["defaults"][0]
             outputs["baseline"] = [source_image, lab.images(lab.sample(lab.model, [edited], seed))[0]]
+            outputs["prompt switch"] = [source_image, lab.images(p2p_prompt_switch(lab, source, edited, seed))[0]]
             source_objects = detect.detect(source_image).objects
             for name, images in outputs.items():
                 src, out = images[0], images[1]
@@ -475,9 +494,10 @@ def prompt_to_prompt(lab: Lab) -> list[dict]:
         labels = {"success": f"{kind} swap: edit success (detector reads the edit)",
                   "iou": f"{kind} swap: edited object's box IoU with the source's",
                   "psnr": f"{kind} swap: PSNR outside the objects, edit vs source (dB)"}
-        for name in settings:
+        for name in (*settings, "prompt switch"):
             for key, label in labels.items():
-                rows.append({"section": f"Prompt-to-Prompt ({name})", "metric": label, "value": mean(stats[name][key]),
+                section = f"Prompt-to-Prompt ({name})" if name in settings else f"baseline: {name} at {PROMPT_SWITCH:.0%}"
+                rows.append({"section": section, "metric": label, "value": mean(stats[name][key]),
                              "baseline": mean(stats["baseline"][key]), "n": len(stats[name][key])})
     return rows
 
