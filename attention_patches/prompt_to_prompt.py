@@ -107,8 +107,10 @@ def refinement_mapper(source: Sequence[int], edit: Sequence[int], max_len: int =
     return mapper, alphas
 
 
-def replacement_mapper(source_words: Sequence[tuple[str, Sequence[int]]], edit_words: Sequence[tuple[str, Sequence[int]]],
-                       max_len: int = 77) -> torch.Tensor:
+Words = Sequence[tuple[str, Sequence[int]]]  # (text, token positions) in prompt order
+
+
+def replacement_mapper(source_words: Words, edit_words: Words, max_len: int = 77) -> torch.Tensor:
     """[max_len, max_len] `M` of the authors' `get_replacement_mapper_`: source token w feeds edit token n
     with weight M[w, n]. Words are (text, token positions) in prompt order; the prompts must have as many
     words. A swapped word with another token count fans out with weight 1/len(edit tokens)."""
@@ -303,7 +305,8 @@ class PromptToPrompt(AttentionTechnique):
         dim = q.shape[-1] // heads
         values = torch.zeros(len(rows), k.shape[1], heads, dim, device=q.device, dtype=q.dtype)
         values[..., 0] = words[:, :, None].to(q.dtype)
-        maps = attend(q[rows], k[rows], values.reshape(len(rows), k.shape[1], heads * dim), _rows_of(mask, rows, q.shape[0]))
+        values = values.reshape(len(rows), k.shape[1], heads * dim)
+        maps = attend(q[rows], k[rows], values, _rows_of(mask, rows, q.shape[0]))
         maps = maps.reshape(len(rows), -1, heads, dim)[..., 0].float().sum(-1)  # [rows, N]
         maps = maps.reshape(len(rows) // images, images, call.height, call.width).sum(0)
         grid = (call.height, call.width)

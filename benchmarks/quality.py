@@ -415,8 +415,9 @@ def p2p_prompt_switch(lab: Lab, source: str, edited: str, seed: int) -> dict:
     import comfy.samplers
     import node_helpers
 
-    first = node_helpers.conditioning_set_values(lab.encode([source]), {"start_percent": 0.0, "end_percent": PROMPT_SWITCH})
-    then = node_helpers.conditioning_set_values(lab.encode([edited]), {"start_percent": PROMPT_SWITCH, "end_percent": 1.0})
+    set_range = node_helpers.conditioning_set_values
+    first = set_range(lab.encode([source]), {"start_percent": 0.0, "end_percent": PROMPT_SWITCH})
+    then = set_range(lab.encode([edited]), {"start_percent": PROMPT_SWITCH, "end_percent": 1.0})
     latent = {"samples": lab.torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
     return lab.nodes.common_ksampler(lab.model, seed, lab.plan.steps, lab.plan.cfg, "euler", "normal", first + then,
                                      lab.encode([""]), latent)[0]
@@ -457,11 +458,13 @@ def prompt_to_prompt(lab: Lab) -> list[dict]:
     baseline, ComfyUI's prompt scheduling (source prompt for the first 40% of the steps, then the edit), has its
     own rows."""
     if P2P_NODE not in lab.nodes.NODE_CLASS_MAPPINGS:
-        return [{"section": "Prompt-to-Prompt", "metric": "missing (issue 31)", "value": None, "baseline": None, "n": 0}]
+        return [{"section": "Prompt-to-Prompt", "metric": "missing (issue 31)", "value": None, "baseline": None,
+                 "n": 0}]
     import numpy as np
 
     detect = lab.detect
-    settings = {"defaults": {}, "local blend": {"blend_threshold": 0.8}, "cross 0.2 + local blend": {"cross_replace_steps": 0.2, "blend_threshold": 0.8}}
+    settings = {"defaults": {}, "local blend": {"blend_threshold": 0.8},
+                "cross 0.2 + local blend": {"cross_replace_steps": 0.2, "blend_threshold": 0.8}}
     rows = []
     for kind in ("colour", "shape"):
         stats = {name: {"success": [], "iou": [], "psnr": []} for name in (*settings, "baseline", "prompt switch")}
@@ -496,7 +499,8 @@ def prompt_to_prompt(lab: Lab) -> list[dict]:
                   "psnr": f"{kind} swap: PSNR outside the objects, edit vs source (dB)"}
         for name in (*settings, "prompt switch"):
             for key, label in labels.items():
-                section = f"Prompt-to-Prompt ({name})" if name in settings else f"baseline: {name} at {PROMPT_SWITCH:.0%}"
+                section = (f"Prompt-to-Prompt ({name})" if name in settings
+                           else f"Prompt-to-Prompt baseline: {name} at {PROMPT_SWITCH:.0%}")
                 rows.append({"section": section, "metric": label, "value": mean(stats[name][key]),
                              "baseline": mean(stats["baseline"][key]), "n": len(stats[name][key])})
     return rows

@@ -131,7 +131,7 @@ def test_refine_adds_words(p2p, demo):
 ])
 def test_clear_errors_before_sampling(p2p, demo, controls, message):
     model, clip = demo
-    with pytest.raises(ValueError, match=f"PromptToPromptEdit: .*{message}" if not message.startswith("Prompt") else message):
+    with pytest.raises(ValueError, match=f"PromptToPromptEdit: .*{message}"):
         run(p2p, model, clip, **controls)
 
 
@@ -209,3 +209,24 @@ def test_real_image_errors(p2p, demo, scene):
     model, clip = demo
     with pytest.raises(ValueError, match="PromptToPromptEditInversion: inversion: expected an INVERSION"):
         p2p.edit_inversion(model, clip, "noise", negative(clip), SOURCE, [EDIT], 5.0)
+
+
+def test_composes_with_another_packs_attn2_patch(p2p, demo):
+    """A replace patch another pack set before us still runs on every cross-attention call, under our edit."""
+    import comfy.ldm.modules.attention as attention
+
+    model, clip = demo
+    calls = []
+
+    def foreign(q, k, v, extra_options):
+        calls.append(q.shape[0])
+        return attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+    patched = model.clone()
+    for block, index in (("input", 1), ("output", 9)):
+        patched.set_model_attn2_replace(foreign, block, index, 0)
+    out, _ = run(p2p, patched, clip, edits=(SOURCE, EDIT))
+    assert calls and set(calls) == {6}  # [source, unchanged, edit] × (cond, uncond)
+    assert (out[1] - out[0]).abs().max() <= 1e-5
+    reference, _ = run(p2p, model, clip, edits=(SOURCE, EDIT))
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)  # the foreign patch computes the same attention

@@ -270,7 +270,7 @@ def test_cross_attention_is_the_authors(cond_or_uncond, kind, step):
 @pytest.mark.parametrize("cond_or_uncond", [[1, 0], [0]])
 @pytest.mark.parametrize("side, step, replaced", [(4, 2, True), (4, 4, False), (8, 0, False), (2, 0, True)])
 def test_self_attention_injection_is_the_authors(cond_or_uncond, side, step, replaced):
-    """Self-attention maps of the source in layers ≥ 4x downsampled (4² and 2² of a 16² latent), first 40% of steps."""
+    """The source's self-attention maps in layers ≥ 4x downsampled (4², 2² of a 16² latent), first 40% of steps."""
     batch = len(cond_or_uncond) * 3
     q, k, v = random_qkv(batch, side * side, side * side, seed=side + step)
     technique = p2p.PromptToPrompt(edits_for("replace")[0] * 2)
@@ -300,7 +300,7 @@ def test_per_word_windows_and_no_replacement_after_the_window():
 
 
 def test_identity_edit_reproduces_the_source():
-    technique = p2p.PromptToPrompt(edits_for("replace")[0][:0] + [p2p.PromptEdit(torch.eye(K), torch.zeros(K), torch.ones(K))])
+    technique = p2p.PromptToPrompt([p2p.PromptEdit(torch.eye(K), torch.zeros(K), torch.ones(K))])
     q, k, v = random_qkv(1, 16, K)
     q, k, v = (t.repeat(2, 1, 1) for t in (q, k, v))
     for is_self, keys in ((False, (k, v)), (True, (q, q))):
