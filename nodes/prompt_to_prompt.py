@@ -26,8 +26,8 @@ import torch
 from comfy_api.latest import io
 
 from ..attention_patches import prompt_to_prompt as p2p
-from ..inversion import Inversion
-from .inversion import INVERSION, guided_sample, sample_replay
+from ..inversion import Inversion, ddim_sample
+from .inversion import INVERSION, SamplerModel, check_invertible, guided_sample, sample_replay
 from .patching import attach_router
 from .segment import prompt_words
 
@@ -282,13 +282,33 @@ class PromptToPromptEdit(io.ComfyNode):
             blend_threshold=blend_threshold))
 
 
+def sample_ddim_tracking_source(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                                inversion: Inversion | None = None, group: int = 1, track_source: bool = True):
+    """DDIM sampling of groups `[source, edits...]` from the inverted noise; with `track_source` the source rows
+    are put back on their inverted trajectory after every step (the direct-inversion correction), so the
+    edits take the attention of the image's own trajectory and the source row ends on the image's latent."""
+    calls = SamplerModel(model, extra_args, callback, len(sigmas) - 1, disable)
+    check_invertible(*calls.sampling(), IMAGE_NODE)
+    x_start = inversion.latent_at(float(sigmas[0])).to(x.device).repeat_interleave(group, dim=0)
+
+    def keep_source(k, latent):
+        if not track_source:
+            return latent
+        latent = latent.clone()
+        latent[::group] = inversion.latent_at(float(sigmas[k + 1])).to(latent.device, latent.dtype)
+        return latent
+
+    return ddim_sample(calls, x_start, sigmas, calls.progress, after_step=keep_source)
+
+
 def edit_inversion(model, clip, inversion, negative, source_prompt: str, edit_prompts: list[str], cfg: float,
-                   add_final_residual: bool = False, **controls) -> torch.Tensor:
-    """Prompt-to-Prompt on an inverted image: every group `[source, edits...]` replays the INVERSION.
+                   add_final_residual: bool = False, track_source: bool = True, **controls) -> torch.Tensor:
+    """Prompt-to-Prompt on an inverted image: every group `[source, edits...]` starts from the INVERSION.
 
     DDPM (edit-friendly): all rows replay the stored noise maps, so the source row
     reconstructs the image (with the inversion's prompt, negative and cfg) and the
-    edits share its noise. DDIM: deterministic sampling from the inverted noise.
+    edits share its noise. DDIM: deterministic sampling from the inverted noise; with
+    `track_source` the source rows follow the inverted trajectory (direct inversion).
     Returns the user-space LATENT tensor, rows `[source, edit_1, ...]` per image.
     """
     if not isinstance(inversion, Inversion):
@@ -304,8 +324,12 @@ def edit_inversion(model, clip, inversion, negative, source_prompt: str, edit_pr
     grouped = Inversion(latents=spread(inversion.latents), sigmas=inversion.sigmas, kind=inversion.kind,
                         noise_maps=spread(inversion.noise_maps), final_residual=spread(inversion.final_residual))
     sigmas = inversion.sampling_sigmas
-    sampler = comfy.samplers.KSAMPLER(sample_replay, {"inversion": grouped, "add_final_residual": add_final_residual,
-                                                      "node": IMAGE_NODE})
+    if inversion.kind == "ddpm":
+        sampler = comfy.samplers.KSAMPLER(sample_replay, {"inversion": grouped, "add_final_residual": add_final_residual,
+                                                          "node": IMAGE_NODE})
+    else:
+        sampler = comfy.samplers.KSAMPLER(sample_ddim_tracking_source, {"inversion": inversion, "group": group,
+                                                                        "track_source": track_source})
     x_start = model.model.process_latent_out(inversion.latent_at(float(sigmas[0])))
     return guided_sample(guider, sampler, sigmas, x_start, seed=0)
 
@@ -340,6 +364,11 @@ class PromptToPromptEditInversion(io.ComfyNode):
                                  tooltip="ddpm only: add the inversion's last-step residual to every row (exact "
                                          "source reconstruction; it also carries the source's fine detail into "
                                          "the edits). Off as in the papers."),
+                io.Boolean.Input("track_source", default=True,
+                                 tooltip="ddim only: after every step put the source branch back on the image's "
+                                         "inverted trajectory (direct inversion), so the source reconstructs the "
+                                         "image exactly and the edits take its attention. Off: plain DDIM sampling "
+                                         "of every branch from the inverted noise."),
             ],
             outputs=[io.Latent.Output(tooltip="Per image: the source (reconstruction), then each edit, in order.")],
         )
@@ -347,10 +376,11 @@ class PromptToPromptEditInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, inversion, negative, cfg, source_prompt, edit_prompts, mode, cross_replace_steps,
                 self_replace_steps, reweight, word_cross_replace_steps, blend_words, blend_threshold,
-                add_final_residual) -> io.NodeOutput:
+                add_final_residual, track_source) -> io.NodeOutput:
         edits = [line.strip() for line in edit_prompts.splitlines() if line.strip()]
         return io.NodeOutput({"samples": edit_inversion(
-            model, clip, inversion, negative, source_prompt.strip(), edits, cfg, add_final_residual, mode=mode,
+            model, clip, inversion, negative, source_prompt.strip(), edits, cfg, add_final_residual, track_source,
+            mode=mode,
             cross_replace_steps=cross_replace_steps, self_replace_steps=self_replace_steps, reweight=reweight,
             word_cross_replace_steps=word_cross_replace_steps, blend_words=blend_words,
             blend_threshold=blend_threshold)})

@@ -230,3 +230,20 @@ def test_composes_with_another_packs_attn2_patch(p2p, demo):
     assert (out[1] - out[0]).abs().max() <= 1e-5
     reference, _ = run(p2p, model, clip, edits=(SOURCE, EDIT))
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)  # the foreign patch computes the same attention
+
+
+@pytest.mark.parametrize("track_source", [True, False])
+def test_real_image_ddim_source_tracks_its_inversion(p2p, pack, demo, scene, track_source):
+    """DDIM: with track_source the source branch ends exactly on the image's latent; without, it is DDIM's
+    approximate reconstruction."""
+    model, clip = demo
+    inv = importlib.import_module(pack.__name__ + ".nodes.inversion")
+    ddpm, _ = scene
+    image = model.model.process_latent_out(ddpm.x_0)  # the VAE latent that was inverted
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(SOURCE))
+    _, inversion = inv.invert(model, image, positive, negative(clip), cfg=1.0, steps=STEPS, scheduler="normal")
+    out = p2p.edit_inversion(model, clip, inversion, negative(clip), SOURCE, [EDIT], 1.0, track_source=track_source,
+                             cross_replace_steps=0.0)
+    error = (out[:1] - image).abs().max()
+    assert (error <= 1e-5) if track_source else (error > 1e-3)
+    assert (out[1] - out[0]).abs().mean() > 1e-2
