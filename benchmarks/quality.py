@@ -56,10 +56,11 @@ class Plan:
     inversion_scenes: int = 6
     cross_image_pairs: int = 4
     p2p_edits: int = 4  # per kind (colour swap, shape swap)
+    p2p_real_edits: int = 4  # per kind, on rendered scenes through DDIMInvert
 
 
 QUICK = Plan(single_prompts=2, two_object_prompts=2, vae_scenes=2, style_sets=1, bounded_prompts=1,
-             segment_images=1, inversion_scenes=1, cross_image_pairs=1, p2p_edits=1)
+             segment_images=1, inversion_scenes=1, cross_image_pairs=1, p2p_edits=1, p2p_real_edits=1)
 
 
 class Lab:
@@ -506,8 +507,72 @@ def prompt_to_prompt(lab: Lab) -> list[dict]:
     return rows
 
 
+def edit_scores(lab: Lab, source_image, image, kind: str, new: str, new_shape: str, source_objects) -> tuple:
+    """(the edit read by the detector, box IoU of the edited object with the source's, PSNR outside the objects)."""
+    import numpy as np
+
+    detect = lab.detect
+    found = detect.detect(image).objects
+    hit = [o for o in found if o.shape == new_shape and (kind == "shape" or o.color == new)]
+    iou = max(detect.box_iou(hit[0].box, s.box) for s in source_objects) if hit and source_objects else None
+    outside = np.ones(image.shape[:2], bool)
+    for o in found + detect.detect(source_image).objects:
+        outside &= ~o.mask
+    return bool(hit), iou, (psnr(source_image[outside], image[outside]) if outside.any() else None)
+
+
+def prompt_to_prompt_real(lab: Lab) -> list[dict]:
+    """The same colour and shape swaps on rendered scenes (one object, the caption as the source prompt), VAE-encoded
+    and inverted with DDIMInvert (edit-friendly DDPM, CFG 5, the plan's steps): PromptToPromptEditInversion at the
+    authors' defaults and with cross-attention replacement off (self-attention injection only). Scores against
+    the source branch (the reconstruction); IoU against the rendered object's box. Baseline: InversionReplay of the
+    same inversion with the edited prompt (edit-friendly DDPM editing without attention control)."""
+    if "PromptToPromptEditInversion" not in lab.nodes.NODE_CLASS_MAPPINGS:
+        return [{"section": "Prompt-to-Prompt, real", "metric": "missing (issue 31)", "value": None, "baseline": None,
+                 "n": 0}]
+    import importlib
+
+    p2p = importlib.import_module(f"{lab.host.pack.__name__}.nodes.prompt_to_prompt")
+    settings = {"defaults": {}, "cross 0": {"cross_replace_steps": 0.0}}
+    negative = lab.encode([""])
+    rows = []
+    for kind in ("colour", "shape"):
+        stats = {name: {"success": [], "iou": [], "psnr": []} for name in (*settings, "baseline")}
+        for i, (source, edited, old, new, new_shape) in enumerate(p2p_edits(lab, kind)[:lab.plan.p2p_real_edits]):
+            colour, shape = source.split()[1:3]
+            style = {"striped": "stripes", "dotted": "dots", "plain": "plain"}[source.split()[5]]
+            rendered = lab.render(HELD_OUT_SEED + 95_000 + i, objects=[(colour, shape)], style=style,
+                                  background_color=source.split()[6])
+            inversion = lab.node("DDIMInvert", model=lab.model, latent=lab.vae_latent([rendered]),
+                                 positive=lab.encode([source]), negative=negative, cfg=lab.plan.cfg,
+                                 steps=lab.plan.steps, scheduler="normal", method="ddpm")[1]
+            truth_box = [type("Box", (), {"box": rendered.boxes[0]})()]
+            outputs = {}
+            for name, extra in settings.items():
+                out = p2p.edit_inversion(lab.model, lab.clip, inversion, negative, source, [edited], lab.plan.cfg,
+                                         **extra)
+                outputs[name] = lab.images({"samples": out})
+            replay = lab.node("InversionReplay", model=lab.model, inversion=inversion, positive=lab.encode([edited]),
+                              negative=negative, cfg=lab.plan.cfg, add_final_residual=False)[0]
+            outputs["baseline"] = [outputs["defaults"][0], lab.images(replay)[0]]
+            for name, images in outputs.items():
+                success, iou, value = edit_scores(lab, images[0], images[1], kind, new, new_shape, truth_box)
+                stats[name]["success"].append(success)
+                stats[name]["iou"] += [iou] if iou is not None else []
+                stats[name]["psnr"] += [value] if value is not None else []
+        labels = {"success": f"{kind} swap (real): edit success (detector reads the edit)",
+                  "iou": f"{kind} swap (real): edited object's box IoU with the rendered object's",
+                  "psnr": f"{kind} swap (real): PSNR outside the objects, edit vs reconstruction (dB)"}
+        for name in settings:
+            for key, label in labels.items():
+                rows.append({"section": f"Prompt-to-Prompt, real ({name})", "metric": label,
+                             "value": mean(stats[name][key]), "baseline": mean(stats["baseline"][key]),
+                             "n": len(stats[name][key])})
+    return rows
+
+
 MEASUREMENTS = [model_figures, style_aligned, bounded_attention, self_attn_segment, ddim_inversion, cross_image_attention,
-                prompt_to_prompt]
+                prompt_to_prompt, prompt_to_prompt_real]
 
 
 def main(argv: list[str] | None = None) -> dict:
