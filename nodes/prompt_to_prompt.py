@@ -226,7 +226,7 @@ class PromptToPromptEdit(io.ComfyNode):
                 "for every input latent it outputs the source, then each edit, in order. SD1.x, SD2.x and SDXL."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The model to sample with (patches, LoRA and ControlNet compose)."),
+                io.Model.Input("model", tooltip="The model to sample with (model patches and LoRA compose)."),
                 io.Clip.Input("clip", tooltip="Encodes the source and edited prompts and aligns their words."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt (CLIPTextEncode), shared by every "
                                                           "image; unused at cfg 1."),
