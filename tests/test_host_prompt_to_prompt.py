@@ -247,3 +247,21 @@ def test_real_image_ddim_source_tracks_its_inversion(p2p, pack, demo, scene, tra
     error = (out[:1] - image).abs().max()
     assert (error <= 1e-5) if track_source else (error > 1e-3)
     assert (out[1] - out[0]).abs().mean() > 1e-2
+
+
+def test_composes_with_style_aligned(p2p, pack, demo):
+    """StyleAligned on the same router (every image shares attention with image 0, the source): the two
+    techniques run in one pass, an unchanged prompt still reproduces the source, and StyleAligned still acts."""
+    model, clip = demo
+    sa = importlib.import_module(pack.__name__ + ".nodes.style_aligned")
+    settings = importlib.import_module(pack.__name__ + ".attention_patches.style_aligned").StyleAlignedSettings()
+    styled = sa.apply_style_aligned(model, settings, share_group_norm=False, reference_control=False)
+    out, guider = run(p2p, styled, clip, edits=(SOURCE, EDIT))
+    names = [t.name for t in guider.model_patcher.model_options["transformer_options"]["patches_replace"]["attn1"]
+             [("input", 1, 0)].router.techniques]
+    assert "prompt_to_prompt" in names and len(names) == 2, names
+    # float noise only: StyleAligned's other images attend [reference keys, own keys], equal here but summed
+    # in another order than the reference's own attention
+    assert (out[1] - out[0]).abs().max() <= 1e-5 * out[0].abs().max()
+    alone, _ = run(p2p, model, clip, edits=(SOURCE, EDIT))
+    assert (out[2] - alone[2]).abs().mean() > 1e-3  # StyleAligned changed the edit
