@@ -12,6 +12,7 @@ from .cross_image import CrossImageAttention
 from .demo import DemoModelLoader
 from .example_inputs import offer_example_inputs
 from .inversion import DDIMInversionSampler, DDIMInvert, InversionReplay
+from .prompt_to_prompt import PromptToPromptEdit, PromptToPromptEditInversion
 from .style_aligned import SharedAttentionStyleAlign, StyleAlignedReferenceFromInversion
 from .segment import AttentionRecorderNode, CrossAttnHeatmap, RecordAttentionPass, SelfAttnPCA, SelfAttnSegment
 
@@ -19,6 +20,7 @@ NODES: list[type[io.ComfyNode]] = [
     DemoModelLoader,
     BoundedAttentionLayout,
     CrossImageAttention,
+    PromptToPromptEdit, PromptToPromptEditInversion,
     SharedAttentionStyleAlign, StyleAlignedReferenceFromInversion,
     DDIMInvert, DDIMInversionSampler, InversionReplay,
     AttentionRecorderNode, RecordAttentionPass, SelfAttnSegment, CrossAttnHeatmap, SelfAttnPCA,

@@ -37,8 +37,12 @@ def test_quick_run_reports_every_section(host, tmp_path):
     result = json.loads(done.stdout[done.stdout.index("{"):])
     rows = result["rows"]
     sections = {row["section"] for row in rows}
-    assert sections == {"model", "StyleAligned", "Bounded Attention", "SelfAttnSegment", "DDIM inversion",
-                        "Cross-Image Attention"}
+    p2p = {s for s in sections if s.startswith("Prompt-to-Prompt")}
+    assert p2p == {"Prompt-to-Prompt (defaults)", "Prompt-to-Prompt (local blend)",
+                   "Prompt-to-Prompt (cross 0.2 + local blend)", "Prompt-to-Prompt baseline: prompt switch at 40%",
+                   "Prompt-to-Prompt, real (defaults)", "Prompt-to-Prompt, real (cross 0)"}, p2p
+    assert sections - p2p == {"model", "StyleAligned", "Bounded Attention", "SelfAttnSegment", "DDIM inversion",
+                              "Cross-Image Attention"}
     for row in rows:
         if row["value"] is not None and "PSNR" not in row["metric"]:
             assert 0 <= row["value"] <= 1, row
