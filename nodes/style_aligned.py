@@ -11,6 +11,7 @@ What the patch puts on the node's own clone, all removed with it:
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -34,10 +35,14 @@ from ..attention_patches.style_aligned import (
 from .inversion import INVERSION
 from .patching import attach_router, model_family, router_of
 
+log = logging.getLogger("attention_lab")
+
 NODE = "SharedAttentionStyleAlign"
 PHOTO_NODE = "StyleAlignedReferenceFromInversion"
 WRAPPER_KEY = "attention_lab.style_aligned"
 PHOTO_WRAPPER_KEY = "attention_lab.style_aligned.reference"
+RUN_WRAPPER_KEY = "attention_lab.style_aligned.run"
+PHOTO_RUN_WRAPPER_KEY = "attention_lab.style_aligned.reference.run"
 GROUP_NORM_MODES = ["auto", "on", "off"]
 BLOCK_CHOICES = ["all", "input", "middle", "output", "input,output", "middle,output", "input,middle"]
 _BLOCK_OF_MODULE = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output", "out": "output"}
@@ -68,6 +73,32 @@ class StyleAlignedForward:
 
     def __deepcopy__(self, memo):
         return self  # shared by clones, like the technique it serves
+
+
+class StyleAlignedRun:
+    """OUTER_SAMPLE wrapper: checks the latent batch against the settings before the first UNet call.
+
+    The node sees only the MODEL; the batch it will be used with is known when sampling
+    starts, so a wrong reference_index or share_with is refused here, before the model
+    is loaded or any step runs, and a batch with nothing to share is reported.
+    """
+
+    def __init__(self, technique: StyleAligned):
+        self.technique = technique
+
+    def __call__(self, executor, noise, *args, **kwargs):
+        images = noise.shape[0]
+        if images == 1:
+            log.warning(
+                "%s: the latent batch has 1 image, so no image can take the reference's style and this run "
+                "samples as without the node; use a latent batch_size of 2 or more (image %d is the reference)",
+                NODE, self.technique.settings.reference_index)
+        else:
+            self.technique.settings.groups(ChunkLayout.of(images, None))  # raises, naming the input
+        return executor(noise, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 def group_norm_paths(model, blocks: frozenset[str]) -> list[str]:
@@ -103,6 +134,9 @@ def apply_style_aligned(model, settings: StyleAlignedSettings, share_group_norm:
     wrappers = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
     patched.remove_wrappers_with_key(wrappers, WRAPPER_KEY)
     patched.add_wrapper_with_key(wrappers, WRAPPER_KEY, StyleAlignedForward(technique, norm_state, reference_control))
+    outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+    patched.remove_wrappers_with_key(outer, RUN_WRAPPER_KEY)
+    patched.add_wrapper_with_key(outer, RUN_WRAPPER_KEY, StyleAlignedRun(technique))
     return patched
 
 
@@ -280,6 +314,30 @@ class ReferenceFromTrajectory:
         return self
 
 
+class ReferenceRun:
+    """OUTER_SAMPLE wrapper: the latent batch must match the inverted photo, checked before the first UNet call."""
+
+    def __init__(self, trajectory: ReferenceTrajectory):
+        self.trajectory = trajectory
+
+    def __call__(self, executor, noise, *args, **kwargs):
+        photo = tuple(self.trajectory.latents.shape[1:])
+        if tuple(noise.shape[1:]) != photo:
+            raise ValueError(
+                f"{PHOTO_NODE}: inversion: the inverted photo's latent is {photo} (channels, height/8, width/8) but "
+                f"the latent being sampled is {tuple(noise.shape[1:])}; sample an empty latent of the photo's size "
+                f"({photo[-1] * 8}x{photo[-2] * 8} pixels)"
+            )
+        if noise.shape[0] == 1:
+            log.warning(
+                "%s: the latent batch has 1 image, so it is the reference (the photo's reconstruction) and no image "
+                "takes the photo's style; use a latent batch_size of 2 or more", PHOTO_NODE)
+        return executor(noise, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 def reference_index_of(model) -> int:
     router = router_of(model)
     techniques = [t for t in (router.techniques if router else []) if isinstance(t, StyleAligned)]
@@ -316,6 +374,9 @@ def apply_reference_from_inversion(model, inversion, reference_positive, offset:
     wrappers = comfy.patcher_extension.WrappersMP.APPLY_MODEL
     patched.remove_wrappers_with_key(wrappers, PHOTO_WRAPPER_KEY)
     patched.add_wrapper_with_key(wrappers, PHOTO_WRAPPER_KEY, ReferenceFromTrajectory(reference, trajectory, context, adm))
+    outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+    patched.remove_wrappers_with_key(outer, PHOTO_RUN_WRAPPER_KEY)
+    patched.add_wrapper_with_key(outer, PHOTO_RUN_WRAPPER_KEY, ReferenceRun(trajectory))
     return patched
 
 
