@@ -139,6 +139,23 @@ def shared_rows_per_chunk(tokens: int, channels: int, value_channels: int, items
     return max(1, budget // max(per_row, 1))
 
 
+def shared_attention_extra_bytes(rows: int, targets: int, tokens: int, channels: int, itemsize: int,
+                                 options: StyleAlignedOptions, group_norm: bool,
+                                 budget: int = SHARED_CHUNK_BYTES) -> int:
+    """Peak bytes one shared layer of `rows` batch rows (`targets` of them sharing) holds beyond plain attention.
+
+    The slices' concatenated keys and values (at most `budget`), the targets' outputs
+    held beside the batch's, and with `group_norm` the GroupNorm slices (at most
+    `budget`); `full_attention_share` instead gathers every row's q, k, v into one
+    sequence (three copies of the layer's inputs, and the joint output).
+    """
+    layer = tokens * channels * itemsize
+    if options.full_attention_share:
+        return 4 * rows * layer
+    slices = min(budget, targets * tokens * 6 * channels * itemsize) if targets else 0
+    return slices + targets * layer + (budget if group_norm and targets else 0)
+
+
 def shared_attention(q, k, v, groups: Sequence[SharedGroup], attend: Callable, options: StyleAlignedOptions,
                      mask: torch.Tensor | None = None, budget: int = SHARED_CHUNK_BYTES) -> torch.Tensor:
     """StyleAligned self-attention of a batch `[B, N, C]`; rows in no group's targets get plain attention.

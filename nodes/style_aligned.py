@@ -22,6 +22,7 @@ from comfy_api.latest import io
 from ..attention_patches.call import ChunkLayout, StepClock
 from ..attention_patches.style_aligned import (
     ReferenceTrajectory,
+    shared_attention_extra_bytes,
     SharedGroupNormForward,
     SharedNormState,
     StyleAligned,
@@ -75,16 +76,61 @@ class StyleAlignedForward:
         return self  # shared by clones, like the technique it serves
 
 
+def self_attention_sizes(diffusion_model, height: int, width: int) -> dict[tuple, tuple[int, int]]:
+    """(tokens, channels) of each UNet block's self-attention for a latent of height×width.
+
+    Keyed by (block, block id) as ComfyUI's replace patches name layers; the level of a
+    block follows the Downsample/Upsample modules of the blocks before it.
+    """
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+    sizes = {}
+
+    def record(key, block, level):
+        for module in block.modules():
+            if isinstance(module, SpatialTransformer):
+                h, w = -(-height // 2**level), -(-width // 2**level)
+                sizes[key] = (h * w, module.transformer_blocks[0].attn1.to_q.out_features)
+
+    level = 0
+    for i, block in enumerate(getattr(diffusion_model, "input_blocks", [])):
+        record(("input", i), block, level)
+        level += any(isinstance(m, Downsample) for m in block.modules())
+    if getattr(diffusion_model, "middle_block", None) is not None:
+        record(("middle", 0), diffusion_model.middle_block, level)
+    for i, block in enumerate(getattr(diffusion_model, "output_blocks", [])):
+        record(("output", i), block, level)
+        level -= any(isinstance(m, Upsample) for m in block.modules())
+    return sizes
+
+
+def patch_extra_bytes(model, technique: StyleAligned, group_norm: bool, images: int, height: int, width: int) -> int:
+    """What the patch needs beyond unpatched sampling, at its largest shared layer, for a CFG batch of `images`."""
+    settings = technique.settings
+    sizes = self_attention_sizes(model.model.diffusion_model, height, width)
+    shared = [sizes[(layer[0], layer[1])] for layer in technique.layers if (layer[0], layer[1]) in sizes]
+    if not shared:
+        return 0
+    rows = 2 * images  # cond and uncond in one call, as ComfyUI runs CFG when memory allows
+    sharing = images - 1 if settings.share_with is None else len(set(settings.share_with) - {settings.reference_index})
+    itemsize = torch.empty((), dtype=model.model_dtype()).element_size()
+    return max(shared_attention_extra_bytes(rows, 2 * sharing, tokens, channels, itemsize, settings.attention,
+                                            group_norm) for tokens, channels in shared)
+
+
 class StyleAlignedRun:
     """OUTER_SAMPLE wrapper: checks the latent batch against the settings before the first UNet call.
 
     The node sees only the MODEL; the batch it will be used with is known when sampling
-    starts, so a wrong reference_index or share_with is refused here, before the model
-    is loaded or any step runs, and a batch with nothing to share is reported.
+    starts, so a wrong reference_index or share_with, or a batch whose shared attention
+    would not fit in memory, is refused here, before the model is loaded or any step
+    runs, and a batch with nothing to share is reported.
     """
 
-    def __init__(self, technique: StyleAligned):
+    def __init__(self, technique: StyleAligned, group_norm: bool):
         self.technique = technique
+        self.group_norm = group_norm
 
     def __call__(self, executor, noise, *args, **kwargs):
         images = noise.shape[0]
@@ -95,7 +141,32 @@ class StyleAlignedRun:
                 NODE, self.technique.settings.reference_index)
         else:
             self.technique.settings.groups(ChunkLayout.of(images, None))  # raises, naming the input
+            self.check_memory(executor.class_obj.model_patcher, images, noise.shape[-2], noise.shape[-1])
         return executor(noise, *args, **kwargs)
+
+    def check_memory(self, model, images: int, height: int, width: int):
+        import comfy.model_management
+
+        needed = patch_extra_bytes(model, self.technique, self.group_norm, images, height, width)
+        free = comfy.model_management.get_free_memory(model.load_device)
+        if needed <= free:
+            return
+        low, high = 1, images  # the largest batch that fits lies in [low, high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            if patch_extra_bytes(model, self.technique, self.group_norm, middle, height, width) <= free:
+                low = middle
+            else:
+                high = middle
+        fits = low
+        advice = (f"at most {fits} images fit: lower the latent batch_size to {fits}" if fits > 1 else
+                  "not even 2 images fit: free memory or sample a smaller latent")
+        raise ValueError(
+            f"{NODE}: a latent batch of {images} images would need about {needed / 2**30:.1f} GiB more than unpatched "
+            f"sampling for the shared attention, and {free / 2**30:.1f} GiB are free on {model.load_device}; {advice}"
+            + (" (or turn full_attention_share off: it attends over every image's tokens at once)"
+               if self.technique.settings.attention.full_attention_share else "")
+        )
 
     def __deepcopy__(self, memo):
         return self
@@ -136,7 +207,7 @@ def apply_style_aligned(model, settings: StyleAlignedSettings, share_group_norm:
     patched.add_wrapper_with_key(wrappers, WRAPPER_KEY, StyleAlignedForward(technique, norm_state, reference_control))
     outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
     patched.remove_wrappers_with_key(outer, RUN_WRAPPER_KEY)
-    patched.add_wrapper_with_key(outer, RUN_WRAPPER_KEY, StyleAlignedRun(technique))
+    patched.add_wrapper_with_key(outer, RUN_WRAPPER_KEY, StyleAlignedRun(technique, share_group_norm))
     return patched
 
 

@@ -345,3 +345,40 @@ def test_photo_node_errors_name_their_input(tiny, sa, core, inversion_nodes):
                                          r"is \(4, 8, 8\).* the latent being sampled is \(4, 16, 16\).*64x64 pixels"):
         sample_ddim(patched, positive, negative, NOISE[:2])
     assert calls == []  # refused before the first UNet call
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_self_attention_sizes_are_the_ones_sampling_sees(tiny, sa, name):
+    model = {"sd15": tiny.sd15_unet, "sdxl": tiny.sdxl_unet}[name](seed=3).clone()
+    seen = {}
+
+    def attn1(q, k, v, extra_options):
+        seen[tuple(extra_options["block"])] = (q.shape[1], q.shape[2])
+        return q, k, v
+
+    model.set_model_attn1_patch(attn1)
+    sample(model, *conditioning(tiny, name, 1), images=1)
+    assert seen and sa.self_attention_sizes(model.model.diffusion_model, 16, 16) == seen
+
+
+def test_a_batch_whose_shared_attention_does_not_fit_is_refused_before_sampling(tiny, sa, core, monkeypatch):
+    import comfy.model_management
+
+    model, calls = counting_unet_calls(tiny.sd15_unet(seed=3))
+    patched = style_align(sa, core, model, share_group_norm="on")
+    technique = [t for t in sa.router_of(patched).techniques if isinstance(t, core.StyleAligned)][0]
+    free = sa.patch_extra_bytes(patched, technique, True, 3, 16, 16)  # room for 3 images, not 4
+    assert sa.patch_extra_bytes(patched, technique, True, 4, 16, 16) > free
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *args, **kwargs: free)
+    images = 4
+    positive, negative = conditioning(tiny, "sd15", images)
+    noise = torch.randn(images, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    import comfy.sample
+
+    with pytest.raises(ValueError, match=r"SharedAttentionStyleAlign: a latent batch of 4 images would need about .* "
+                                         r"at most 3 images fit: lower the latent batch_size to 3"):
+        comfy.sample.sample(patched, noise, STEPS, 5.0, "euler", "normal", positive, negative, torch.zeros_like(noise),
+                            seed=0, disable_pbar=True)
+    assert calls == []
+    out = sample(patched, positive, negative, images=2)  # two images fit
+    assert torch.isfinite(out).all() and len(calls) > 0
