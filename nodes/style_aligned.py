@@ -7,6 +7,21 @@ What the patch puts on the node's own clone, all removed with it:
 - with share_group_norm, object patches of each GroupNorm's `forward` (applied by
   ComfyUI only while this clone is loaded; the module, its weights and any LoRA
   patch on them stay as they are).
+
+Defaults are the paper's. On a small model they can erase the other images' subjects,
+which is why examples/style_aligned_from_photo.json (the 128 px demo model) departs
+from the paper's transfer settings, measured by benchmarks/quality.py on 18 images:
+- At a 16×16 latent (attention at 16², 8², 4², 2²) the reference's tokens are its
+  whole content, object and background; every reference "leaks content". The
+  paper's own answer to leaking content is shared_score_scale 0.5 with shift 0, not
+  its ln 2 doubling of the reference: kept subjects 12/18 → 16/18.
+- share_group_norm: a GroupNorm group of the demo UNet holds 16 to 256 values (SD1.5
+  at 512²: 2,560 to 40,960), so joint statistics with the reference are largely its
+  content, and they normalise the target's object away: off, 16/18 → 18/18 (the
+  unpatched batch's), with the photo's background pattern on 11/18 (unpatched 1/18).
+- CFG 5, the demo model's own (at the paper's 10 the unpatched batch already loses
+  subjects), and the reference a tenth of the schedule ahead as in the paper (offset
+  5 of 50 steps there, 2 of 20 here).
 """
 
 from __future__ import annotations
@@ -248,8 +263,9 @@ class SharedAttentionStyleAlign(io.ComfyNode):
                 io.Float.Input(
                     "shared_score_scale", default=1.0, min=0.0, max=10.0, step=0.01,
                     tooltip="Multiplies the reference's keys for the other images: a temperature on how sharply "
-                            "they attend to the reference. 1 = the paper's default; 0.5 weakens content leaking "
-                            "from very famous reference images.",
+                            "they attend to the reference. 1 = the paper's default; 0.5 (with shift 0) weakens "
+                            "content leaking from the reference (the paper: very famous images; small models, "
+                            "whose few attention tokens are all content).",
                 ),
                 io.Float.Input(
                     "shared_score_shift", default=0.0, min=-10.0, max=10.0, step=0.01,
@@ -275,6 +291,8 @@ class SharedAttentionStyleAlign(io.ComfyNode):
                     "share_group_norm", options=GROUP_NORM_MODES, default="auto",
                     tooltip="Normalise each image's GroupNorm layers with statistics over its features and the "
                             "reference's together. 'auto' is the paper's choice: off for SDXL, on for SD1.x/SD2.x. "
+                            "Turn it off if the other images lose their subjects: at low resolution a group holds "
+                            "few values and the joint statistics carry the reference's content. "
                             "(The paper's share_layer_norm is not offered: LayerNorm is per token, so sharing "
                             "it changes nothing.)",
                 ),
@@ -464,7 +482,11 @@ class StyleAlignedReferenceFromInversion(io.ComfyNode):
                 "take the photo's style in one KSampler pass. Connect a MODEL patched by "
                 "SharedAttentionStyleAlign (paper: shared_score_shift 0.69, share_group_norm on), an INVERSION "
                 "from DDIMInvert (paper: cfg 2, 50 steps) and sample with the same steps and scheduler "
-                "(paper: cfg 10). The reference image of the output is the model's reconstruction of the photo."
+                "(paper: cfg 10). The reference image of the output is the model's reconstruction of the photo. "
+                "If the other images lose their subjects (small models and low resolutions, e.g. the 128 px demo "
+                "model, where the photo's few tokens are all content): shared_score_scale 0.5 with shift 0 (the "
+                "paper's setting for a reference whose content leaks), share_group_norm off, and the model's usual "
+                "CFG, as examples/style_aligned_from_photo.json does."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="A MODEL patched by SharedAttentionStyleAlign (a clone is patched)."),
@@ -476,9 +498,9 @@ class StyleAlignedReferenceFromInversion(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "offset", default=5, min=0, max=999,
-                    tooltip="How many inversion steps below the noisiest latent the reference starts (paper: 5): "
-                            "its structure is then present from the first step. Step i ≥ 1 uses the inverted "
-                            "latent of step max(offset + 1, i).",
+                    tooltip="How many inversion steps below the noisiest latent the reference starts (paper: 5 of "
+                            "50 steps, a tenth of the schedule; 2 of 20): its structure is then present from the "
+                            "first step. Step i ≥ 1 uses the inverted latent of step max(offset + 1, i).",
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The model whose reference image follows the photo's inversion.")],

@@ -37,7 +37,7 @@ def test_quick_run_reports_every_section(host, tmp_path):
     result = json.loads(done.stdout[done.stdout.index("{"):])
     rows = result["rows"]
     sections = {row["section"] for row in rows}
-    assert sections == {"model", "StyleAligned", "Bounded Attention", "SelfAttnSegment", "DDIM inversion",
+    assert sections == {"model", "StyleAligned", "StyleAligned from a photo", "Bounded Attention", "SelfAttnSegment", "DDIM inversion",
                         "Cross-Image Attention"}
     for row in rows:
         if row["value"] is not None and "PSNR" not in row["metric"]:
