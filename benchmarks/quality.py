@@ -50,7 +50,7 @@ class Plan:
     two_object_prompts: int = 40
     vae_scenes: int = 32
     style_sets: int = 4  # batches of 4: a reference with a background, three prompts without
-    photo_style_sets: int = 6  # the same, the reference a rendered scene (StyleAligned from a photo)
+    photo_style_sets: int = 12  # the same, the reference a rendered scene (StyleAligned from a photo)
     bounded_prompts: int = 8
     segment_images: int = 6  # generated, and as many rendered
     inversion_scenes: int = 6
