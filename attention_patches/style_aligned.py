@@ -121,14 +121,87 @@ def shared_keys_mask(
     return torch.cat([own.to(dtype), ref.to(dtype) + shift], dim=-1)
 
 
+#: Bytes the shared attention and the shared GroupNorm may allocate beyond what the
+#: unpatched layer does: targets are processed in slices that fit. Their concatenated
+#: [own; reference] keys and values cannot be avoided (the attention kernel takes keys
+#: per row), but they need not exist for the whole batch at once.
+SHARED_CHUNK_BYTES = 256 * 2**20
+
+
+def shared_rows_per_chunk(tokens: int, channels: int, value_channels: int, itemsize: int,
+                          budget: int = SHARED_CHUNK_BYTES) -> int:
+    """How many target rows one slice of `shared_attention` holds within `budget` bytes.
+
+    A target row needs its AdaIN'd queries (N·C), its 2N keys (2N·C) and 2N values
+    (2N·Cv), plus its output (N·Cv); at least one row is always taken.
+    """
+    per_row = tokens * (3 * channels + 3 * value_channels) * itemsize
+    return max(1, budget // max(per_row, 1))
+
+
+def shared_attention_extra_bytes(rows: int, targets: int, tokens: int, channels: int, itemsize: int,
+                                 options: StyleAlignedOptions, group_norm: bool,
+                                 budget: int = SHARED_CHUNK_BYTES) -> int:
+    """Peak bytes one shared layer of `rows` batch rows (`targets` of them sharing) holds beyond plain attention.
+
+    The slices' concatenated keys and values (at most `budget`), the targets' outputs
+    held beside the batch's, and with `group_norm` the GroupNorm slices (at most
+    `budget`); `full_attention_share` instead gathers every row's q, k, v into one
+    sequence (three copies of the layer's inputs, and the joint output).
+    """
+    layer = tokens * channels * itemsize
+    if options.full_attention_share:
+        return 4 * rows * layer
+    slices = min(budget, targets * tokens * 6 * channels * itemsize) if targets else 0
+    return slices + targets * layer + (budget if group_norm and targets else 0)
+
+
 def shared_attention(q, k, v, groups: Sequence[SharedGroup], attend: Callable, options: StyleAlignedOptions,
-                     mask: torch.Tensor | None = None) -> torch.Tensor:
-    """StyleAligned self-attention of a batch `[B, N, C]`; rows in no group's targets get plain attention."""
+                     mask: torch.Tensor | None = None, budget: int = SHARED_CHUNK_BYTES) -> torch.Tensor:
+    """StyleAligned self-attention of a batch `[B, N, C]`; rows in no group's targets get plain attention.
+
+    Targets are attended in slices of at most `shared_rows_per_chunk` rows, so the
+    shared keys and values of a large batch never exist all at once.
+    """
     if options.full_attention_share:
         return full_attention_share(q, k, v, groups, attend, mask)
     targets = [t for g in groups for t in g.targets]
     if not targets:
         return attend(q, k, v, mask)
+    n = q.shape[1]
+    rows = shared_rows_per_chunk(n, k.shape[-1], v.shape[-1], q.element_size(), budget)
+    slices = [SharedGroup(g.reference, g.targets[i : i + rows]) for g in groups for i in range(0, len(g.targets), rows)]
+    shared_out = None
+    start = 0
+    for part in _batches(slices, rows):
+        out = _shared_attention_slice(q, k, v, part, attend, options, mask)
+        if shared_out is None:
+            if len(part) == len(slices):
+                shared_out = out
+                break
+            shared_out = out.new_empty(len(targets), *out.shape[1:])
+        shared_out[start : start + out.shape[0]] = out
+        start += out.shape[0]
+    return _with_plain_rows(shared_out, targets, q, k, v, attend, mask)
+
+
+def _batches(slices: Sequence[SharedGroup], rows: int):
+    """Consecutive groups of slices holding at most `rows` targets together (a slice never exceeds it)."""
+    part, count = [], 0
+    for group in slices:
+        if part and count + len(group.targets) > rows:
+            yield part
+            part, count = [], 0
+        part.append(group)
+        count += len(group.targets)
+    if part:
+        yield part
+
+
+def _shared_attention_slice(q, k, v, groups: Sequence[SharedGroup], attend: Callable, options: StyleAlignedOptions,
+                            mask: torch.Tensor | None) -> torch.Tensor:
+    """The shared attention output of the targets of `groups`, in their order."""
+    targets = [t for g in groups for t in g.targets]
     n = q.shape[1]
     s = len(targets)
     q_shared = torch.empty_like(q[:s]) if options.adain_queries else _rows(q, targets)
@@ -136,8 +209,6 @@ def shared_attention(q, k, v, groups: Sequence[SharedGroup], attend: Callable, o
     v_shared = q.new_empty(s, 2 * n, v.shape[-1])  # [V_i ; V_r]
     start = 0
     for group in groups:
-        if not group.targets:
-            continue
         span = slice(start, start + len(group.targets))
         start = span.stop
         r = group.reference
@@ -157,8 +228,7 @@ def shared_attention(q, k, v, groups: Sequence[SharedGroup], attend: Callable, o
         torch.mul(k_r.expand(len(group.targets), -1, -1), options.shared_score_scale, out=k_shared[span, n:])
         v_shared[span, n:] = v_r
     shared_mask = shared_keys_mask(mask, groups, n, options.shared_score_shift, q.dtype)
-    shared_out = attend(q_shared, k_shared, v_shared, shared_mask)
-    return _with_plain_rows(shared_out, targets, q, k, v, attend, mask)
+    return attend(q_shared, k_shared, v_shared, shared_mask)
 
 
 def _with_plain_rows(rows_out, rows, q, k, v, attend, mask):
@@ -203,23 +273,27 @@ def full_attention_share(q, k, v, groups: Sequence[SharedGroup], attend: Callabl
     return _with_plain_rows(torch.cat(outputs), rows, q, k, v, attend, None)
 
 
-def shared_group_norm(x: torch.Tensor, groups: Sequence[SharedGroup], norm: Callable) -> torch.Tensor:
+def shared_group_norm(x: torch.Tensor, groups: Sequence[SharedGroup], norm: Callable,
+                      budget: int = SHARED_CHUNK_BYTES) -> torch.Tensor:
     """`share_group_norm`: a target's GroupNorm statistics come from concat(x_i, x_r) along H.
 
     `norm` is the layer's own GroupNorm forward; x is `[B, C, H, ...]`. The joint map
     is normalised and x_i's half kept, as the paper's code does; the reference
     (concatenated with itself the statistics would not change) and rows in no group
-    are normalised alone.
+    are normalised alone. Targets go in slices whose joint maps (input and output)
+    fit in `budget` bytes.
     """
     targets = [t for g in groups for t in g.targets]
     if not targets:
         return norm(x)
     references = [g.reference for g in groups for _ in g.targets]
     h = x.shape[2]
-    joint = torch.cat([_rows(x, targets), _rows(x, references)], dim=2)
-    shared = norm(joint)[:, :, :h]
+    rows = max(1, budget // max(4 * x[0].numel() * x.element_size(), 1))  # joint in and out: 2 × 2 maps a row
     out = norm(x)
-    out[torch.as_tensor(targets, device=x.device)] = shared
+    for start in range(0, len(targets), rows):
+        part = targets[start : start + rows]
+        joint = torch.cat([_rows(x, part), _rows(x, references[start : start + rows])], dim=2)
+        out[torch.as_tensor(part, device=x.device)] = norm(joint)[:, :, :h]
     return out
 
 
@@ -352,6 +426,12 @@ class StyleAlignedSettings:
         if not math.isfinite(self.attention.shared_score_shift):
             raise ValueError(f"shared_score_shift: expected a finite number, got {self.attention.shared_score_shift}")
         check_step_range(self.start_percent, self.end_percent)
+        if self.share_with is not None and not set(self.share_with) - {self.reference_index}:
+            named = f"only image {self.reference_index}, the reference itself" if self.share_with else "no image"
+            raise ValueError(
+                f"SharedAttentionStyleAlign: share_with names {named}: no image would take its style; "
+                "list other images of the batch (e.g. '1, 2, 3') or use 'all'"
+            )
 
     def groups(self, layout: ChunkLayout) -> list[SharedGroup]:
         return sharing_groups(layout, self.reference_index, self.share_with)

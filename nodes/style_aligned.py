@@ -7,10 +7,29 @@ What the patch puts on the node's own clone, all removed with it:
 - with share_group_norm, object patches of each GroupNorm's `forward` (applied by
   ComfyUI only while this clone is loaded; the module, its weights and any LoRA
   patch on them stay as they are).
+
+Defaults are the paper's. On a small model they erase the other images' subjects,
+which is why examples/style_aligned_from_photo.json (the 128 px demo model) departs
+from the paper's transfer settings. benchmarks/quality.py, StyleAligned from a photo,
+36 images (kept own object / photo's background pattern, unpatched batch in brackets):
+paper's settings at CFG 10: 0.56 (0.86) / 0.69 (0.11); at CFG 5: 0.47 (0.94) / 0.92
+(0.19); the example's: 0.86 (0.94) / 0.69 (0.19). Why:
+- At a 16×16 latent (attention at 16², 8², 4², 2²) the reference's tokens are its
+  whole content, object and background, so every reference "leaks content". The
+  paper's own answer to leaking content is shared_score_scale 0.5 with shift 0, in
+  place of its ln 2 doubling of the reference.
+- share_group_norm: a GroupNorm group of the demo UNet holds 16 to 512 values (SD1.5
+  at 512²: 2,560 to 40,960), so joint statistics with the reference are largely its
+  content, and they normalise the target's object away: off.
+- CFG 5, the demo model's own (at the paper's 10 the unpatched batch already loses
+  subjects), and the reference a tenth of the schedule ahead as in the paper (offset
+  5 of 50 steps there, 2 of 20 here).
+Skipping the 4² and 2² layers changed nothing measurable, so every layer still shares.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -21,6 +40,7 @@ from comfy_api.latest import io
 from ..attention_patches.call import ChunkLayout, StepClock
 from ..attention_patches.style_aligned import (
     ReferenceTrajectory,
+    shared_attention_extra_bytes,
     SharedGroupNormForward,
     SharedNormState,
     StyleAligned,
@@ -34,10 +54,14 @@ from ..attention_patches.style_aligned import (
 from .inversion import INVERSION
 from .patching import attach_router, model_family, router_of
 
+log = logging.getLogger("attention_lab")
+
 NODE = "SharedAttentionStyleAlign"
 PHOTO_NODE = "StyleAlignedReferenceFromInversion"
 WRAPPER_KEY = "attention_lab.style_aligned"
 PHOTO_WRAPPER_KEY = "attention_lab.style_aligned.reference"
+RUN_WRAPPER_KEY = "attention_lab.style_aligned.run"
+PHOTO_RUN_WRAPPER_KEY = "attention_lab.style_aligned.reference.run"
 GROUP_NORM_MODES = ["auto", "on", "off"]
 BLOCK_CHOICES = ["all", "input", "middle", "output", "input,output", "middle,output", "input,middle"]
 _BLOCK_OF_MODULE = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output", "out": "output"}
@@ -68,6 +92,102 @@ class StyleAlignedForward:
 
     def __deepcopy__(self, memo):
         return self  # shared by clones, like the technique it serves
+
+
+def self_attention_sizes(diffusion_model, height: int, width: int) -> dict[tuple, tuple[int, int]]:
+    """(tokens, channels) of each UNet block's self-attention for a latent of height×width.
+
+    Keyed by (block, block id) as ComfyUI's replace patches name layers; the level of a
+    block follows the Downsample/Upsample modules of the blocks before it.
+    """
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+    sizes = {}
+
+    def record(key, block, level):
+        for module in block.modules():
+            if isinstance(module, SpatialTransformer):
+                h, w = -(-height // 2**level), -(-width // 2**level)
+                sizes[key] = (h * w, module.transformer_blocks[0].attn1.to_q.out_features)
+
+    level = 0
+    for i, block in enumerate(getattr(diffusion_model, "input_blocks", [])):
+        record(("input", i), block, level)
+        level += any(isinstance(m, Downsample) for m in block.modules())
+    if getattr(diffusion_model, "middle_block", None) is not None:
+        record(("middle", 0), diffusion_model.middle_block, level)
+    for i, block in enumerate(getattr(diffusion_model, "output_blocks", [])):
+        record(("output", i), block, level)
+        level -= any(isinstance(m, Upsample) for m in block.modules())
+    return sizes
+
+
+def patch_extra_bytes(model, technique: StyleAligned, group_norm: bool, images: int, height: int, width: int) -> int:
+    """What the patch needs beyond unpatched sampling, at its largest shared layer, for a CFG batch of `images`."""
+    settings = technique.settings
+    sizes = self_attention_sizes(model.model.diffusion_model, height, width)
+    shared = [sizes[(layer[0], layer[1])] for layer in technique.layers if (layer[0], layer[1]) in sizes]
+    if not shared:
+        return 0
+    rows = 2 * images  # cond and uncond in one call, as ComfyUI runs CFG when memory allows
+    sharing = images - 1 if settings.share_with is None else len(set(settings.share_with) - {settings.reference_index})
+    itemsize = torch.empty((), dtype=model.model_dtype()).element_size()
+    return max(shared_attention_extra_bytes(rows, 2 * sharing, tokens, channels, itemsize, settings.attention,
+                                            group_norm) for tokens, channels in shared)
+
+
+class StyleAlignedRun:
+    """OUTER_SAMPLE wrapper: checks the latent batch against the settings before the first UNet call.
+
+    The node sees only the MODEL; the batch it will be used with is known when sampling
+    starts, so a wrong reference_index or share_with, or a batch whose shared attention
+    would not fit in memory, is refused here, before the model is loaded or any step
+    runs, and a batch with nothing to share is reported.
+    """
+
+    def __init__(self, technique: StyleAligned, group_norm: bool):
+        self.technique = technique
+        self.group_norm = group_norm
+
+    def __call__(self, executor, noise, *args, **kwargs):
+        images = noise.shape[0]
+        if images == 1:
+            log.warning(
+                "%s: the latent batch has 1 image, so no image can take the reference's style and this run "
+                "samples as without the node; use a latent batch_size of 2 or more (image %d is the reference)",
+                NODE, self.technique.settings.reference_index)
+        else:
+            self.technique.settings.groups(ChunkLayout.of(images, None))  # raises, naming the input
+            self.check_memory(executor.class_obj.model_patcher, images, noise.shape[-2], noise.shape[-1])
+        return executor(noise, *args, **kwargs)
+
+    def check_memory(self, model, images: int, height: int, width: int):
+        import comfy.model_management
+
+        needed = patch_extra_bytes(model, self.technique, self.group_norm, images, height, width)
+        free = comfy.model_management.get_free_memory(model.load_device)
+        if needed <= free:
+            return
+        low, high = 1, images  # the largest batch that fits lies in [low, high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            if patch_extra_bytes(model, self.technique, self.group_norm, middle, height, width) <= free:
+                low = middle
+            else:
+                high = middle
+        fits = low
+        advice = (f"at most {fits} images fit: lower the latent batch_size to {fits}" if fits > 1 else
+                  "not even 2 images fit: free memory or sample a smaller latent")
+        raise ValueError(
+            f"{NODE}: a latent batch of {images} images would need about {needed / 2**30:.1f} GiB more than unpatched "
+            f"sampling for the shared attention, and {free / 2**30:.1f} GiB are free on {model.load_device}; {advice}"
+            + (" (or turn full_attention_share off: it attends over every image's tokens at once)"
+               if self.technique.settings.attention.full_attention_share else "")
+        )
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 def group_norm_paths(model, blocks: frozenset[str]) -> list[str]:
@@ -103,6 +223,9 @@ def apply_style_aligned(model, settings: StyleAlignedSettings, share_group_norm:
     wrappers = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
     patched.remove_wrappers_with_key(wrappers, WRAPPER_KEY)
     patched.add_wrapper_with_key(wrappers, WRAPPER_KEY, StyleAlignedForward(technique, norm_state, reference_control))
+    outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+    patched.remove_wrappers_with_key(outer, RUN_WRAPPER_KEY)
+    patched.add_wrapper_with_key(outer, RUN_WRAPPER_KEY, StyleAlignedRun(technique, share_group_norm))
     return patched
 
 
@@ -143,8 +266,9 @@ class SharedAttentionStyleAlign(io.ComfyNode):
                 io.Float.Input(
                     "shared_score_scale", default=1.0, min=0.0, max=10.0, step=0.01,
                     tooltip="Multiplies the reference's keys for the other images: a temperature on how sharply "
-                            "they attend to the reference. 1 = the paper's default; 0.5 weakens content leaking "
-                            "from very famous reference images.",
+                            "they attend to the reference. 1 = the paper's default; 0.5 (with shift 0) weakens "
+                            "content leaking from the reference (the paper: very famous images; small models, "
+                            "whose few attention tokens are all content).",
                 ),
                 io.Float.Input(
                     "shared_score_shift", default=0.0, min=-10.0, max=10.0, step=0.01,
@@ -170,6 +294,8 @@ class SharedAttentionStyleAlign(io.ComfyNode):
                     "share_group_norm", options=GROUP_NORM_MODES, default="auto",
                     tooltip="Normalise each image's GroupNorm layers with statistics over its features and the "
                             "reference's together. 'auto' is the paper's choice: off for SDXL, on for SD1.x/SD2.x. "
+                            "Turn it off if the other images lose their subjects: at low resolution a group holds "
+                            "few values and the joint statistics carry the reference's content. "
                             "(The paper's share_layer_norm is not offered: LayerNorm is per token, so sharing "
                             "it changes nothing.)",
                 ),
@@ -280,6 +406,30 @@ class ReferenceFromTrajectory:
         return self
 
 
+class ReferenceRun:
+    """OUTER_SAMPLE wrapper: the latent batch must match the inverted photo, checked before the first UNet call."""
+
+    def __init__(self, trajectory: ReferenceTrajectory):
+        self.trajectory = trajectory
+
+    def __call__(self, executor, noise, *args, **kwargs):
+        photo = tuple(self.trajectory.latents.shape[1:])
+        if tuple(noise.shape[1:]) != photo:
+            raise ValueError(
+                f"{PHOTO_NODE}: inversion: the inverted photo's latent is {photo} (channels, height/8, width/8) but "
+                f"the latent being sampled is {tuple(noise.shape[1:])}; sample an empty latent of the photo's size "
+                f"({photo[-1] * 8}x{photo[-2] * 8} pixels)"
+            )
+        if noise.shape[0] == 1:
+            log.warning(
+                "%s: the latent batch has 1 image, so it is the reference (the photo's reconstruction) and no image "
+                "takes the photo's style; use a latent batch_size of 2 or more", PHOTO_NODE)
+        return executor(noise, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 def reference_index_of(model) -> int:
     router = router_of(model)
     techniques = [t for t in (router.techniques if router else []) if isinstance(t, StyleAligned)]
@@ -316,6 +466,9 @@ def apply_reference_from_inversion(model, inversion, reference_positive, offset:
     wrappers = comfy.patcher_extension.WrappersMP.APPLY_MODEL
     patched.remove_wrappers_with_key(wrappers, PHOTO_WRAPPER_KEY)
     patched.add_wrapper_with_key(wrappers, PHOTO_WRAPPER_KEY, ReferenceFromTrajectory(reference, trajectory, context, adm))
+    outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+    patched.remove_wrappers_with_key(outer, PHOTO_RUN_WRAPPER_KEY)
+    patched.add_wrapper_with_key(outer, PHOTO_RUN_WRAPPER_KEY, ReferenceRun(trajectory))
     return patched
 
 
@@ -332,7 +485,11 @@ class StyleAlignedReferenceFromInversion(io.ComfyNode):
                 "take the photo's style in one KSampler pass. Connect a MODEL patched by "
                 "SharedAttentionStyleAlign (paper: shared_score_shift 0.69, share_group_norm on), an INVERSION "
                 "from DDIMInvert (paper: cfg 2, 50 steps) and sample with the same steps and scheduler "
-                "(paper: cfg 10). The reference image of the output is the model's reconstruction of the photo."
+                "(paper: cfg 10). The reference image of the output is the model's reconstruction of the photo. "
+                "If the other images lose their subjects (small models and low resolutions, e.g. the 128 px demo "
+                "model, where the photo's few tokens are all content): shared_score_scale 0.5 with shift 0 (the "
+                "paper's setting for a reference whose content leaks), share_group_norm off, and the model's usual "
+                "CFG, as examples/style_aligned_from_photo.json does."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="A MODEL patched by SharedAttentionStyleAlign (a clone is patched)."),
@@ -344,9 +501,9 @@ class StyleAlignedReferenceFromInversion(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "offset", default=5, min=0, max=999,
-                    tooltip="How many inversion steps below the noisiest latent the reference starts (paper: 5): "
-                            "its structure is then present from the first step. Step i ≥ 1 uses the inverted "
-                            "latent of step max(offset + 1, i).",
+                    tooltip="How many inversion steps below the noisiest latent the reference starts (paper: 5 of "
+                            "50 steps, a tenth of the schedule; 2 of 20): its structure is then present from the "
+                            "first step. Step i ≥ 1 uses the inverted latent of step max(offset + 1, i).",
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The model whose reference image follows the photo's inversion.")],

@@ -41,8 +41,8 @@ def test_quick_run_reports_every_section(host, tmp_path):
     assert p2p == {"Prompt-to-Prompt (defaults)", "Prompt-to-Prompt (local blend)",
                    "Prompt-to-Prompt (cross 0.2 + local blend)", "Prompt-to-Prompt baseline: prompt switch at 40%",
                    "Prompt-to-Prompt, real (defaults)", "Prompt-to-Prompt, real (cross 0)"}, p2p
-    assert sections - p2p == {"model", "StyleAligned", "Bounded Attention", "SelfAttnSegment", "DDIM inversion",
-                              "Cross-Image Attention"}
+    assert sections - p2p == {"model", "StyleAligned", "StyleAligned from a photo", "Bounded Attention", "SelfAttnSegment",
+                              "DDIM inversion", "Cross-Image Attention"}
     for row in rows:
         if row["value"] is not None and "PSNR" not in row["metric"]:
             assert 0 <= row["value"] <= 1, row

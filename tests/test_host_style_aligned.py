@@ -1,7 +1,9 @@
 """SharedAttentionStyleAlign inside real ComfyUI sampling, on tiny SD1.5 and SDXL models."""
 
 import importlib
+import logging
 import math
+import re
 
 import pytest
 import torch
@@ -227,13 +229,55 @@ def test_node_schema_and_bad_input(sa, pack, tiny):
                                              False, "auto", False, 0.0, "all", 0.0, 1.0, False)
 
 
-def test_reference_index_beyond_the_batch_is_named(tiny, sa, core):
-    model = tiny.sd15_unet(seed=3)
+def counting_unet_calls(model):
+    """`model` with a UNet function wrapper that counts the UNet calls into `calls`."""
+    calls = []
+
+    def unet(apply_model, call):
+        calls.append(call["input"].shape[0])
+        return apply_model(call["input"], call["timestep"], **call["c"])
+
+    counted = model.clone()
+    counted.set_model_unet_function_wrapper(unet)
+    return counted, calls
+
+
+@pytest.mark.parametrize("reference_index,share_with,message", [
+    (4, None, "reference_index is 4 but the batch has 2"),
+    (0, (1, 5), r"share_with names image\(s\) \[5\] but the batch has 2"),
+])
+def test_an_index_beyond_the_batch_is_refused_before_the_first_unet_call(tiny, sa, core, reference_index, share_with,
+                                                                           message):
+    model, calls = counting_unet_calls(tiny.sd15_unet(seed=3))
     positive, negative = conditioning(tiny, "sd15", 2)
-    settings = core.StyleAlignedSettings(reference_index=4)
+    settings = core.StyleAlignedSettings(reference_index=reference_index, share_with=share_with)
     patched = sa.apply_style_aligned(model, settings, False, False)
-    with pytest.raises(ValueError, match="reference_index is 4 but the batch has 2"):
+    with pytest.raises(ValueError, match=f"SharedAttentionStyleAlign: {message}"):
         sample(patched, positive, negative, images=2)
+    assert calls == []
+
+
+def test_sharing_with_the_reference_alone_is_refused_by_the_node(tiny, sa):
+    model = tiny.sd15_unet(seed=0)
+    for share_with, named in (("0", "only image 0, the reference itself"), ("[2]", "only image 2"), ("[]", "no image")):
+        reference = 2 if share_with == "[2]" else 0
+        with pytest.raises(ValueError, match=rf"share_with names {re.escape(named)}"):
+            sa.SharedAttentionStyleAlign.execute(model, reference, share_with, 1.0, 0.0, True, True, False, "auto",
+                                                 False, 0.0, "all", 0.0, 1.0, False)
+
+
+def test_a_batch_of_one_is_reported(tiny, sa, core, caplog):
+    model = tiny.sd15_unet(seed=3)
+    positive, negative = conditioning(tiny, "sd15", 1)
+    patched = style_align(sa, core, model)
+    with caplog.at_level(logging.WARNING, logger="attention_lab"):
+        out = sample(patched, positive, negative, images=1)
+    assert torch.equal(out, sample(model, positive, negative, images=1))
+    assert "SharedAttentionStyleAlign: the latent batch has 1 image" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="attention_lab"):
+        sample(patched, *conditioning(tiny, "sd15", 2), images=2)
+    assert "SharedAttentionStyleAlign" not in caplog.text
 
 
 # -- style from a real image ------------------------------------------------------------
@@ -294,7 +338,47 @@ def test_photo_node_errors_name_their_input(tiny, sa, core, inversion_nodes):
     styled = style_align(sa, core, model)
     with pytest.raises(ValueError, match="offset: expected 0..1"):
         sa.apply_reference_from_inversion(styled, inversion, photo_prompt, 5)
-    patched = sa.apply_reference_from_inversion(styled, inversion, photo_prompt, 0)
+    counted, calls = counting_unet_calls(styled)
+    patched = sa.apply_reference_from_inversion(counted, inversion, photo_prompt, 0)
     positive, negative = conditioning(tiny, "sd15", 2)
-    with pytest.raises(ValueError, match=r"inversion: the inverted latent is \(4, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"StyleAlignedReferenceFromInversion: inversion: the inverted photo's latent "
+                                         r"is \(4, 8, 8\).* the latent being sampled is \(4, 16, 16\).*64x64 pixels"):
         sample_ddim(patched, positive, negative, NOISE[:2])
+    assert calls == []  # refused before the first UNet call
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_self_attention_sizes_are_the_ones_sampling_sees(tiny, sa, name):
+    model = {"sd15": tiny.sd15_unet, "sdxl": tiny.sdxl_unet}[name](seed=3).clone()
+    seen = {}
+
+    def attn1(q, k, v, extra_options):
+        seen[tuple(extra_options["block"])] = (q.shape[1], q.shape[2])
+        return q, k, v
+
+    model.set_model_attn1_patch(attn1)
+    sample(model, *conditioning(tiny, name, 1), images=1)
+    assert seen and sa.self_attention_sizes(model.model.diffusion_model, 16, 16) == seen
+
+
+def test_a_batch_whose_shared_attention_does_not_fit_is_refused_before_sampling(tiny, sa, core, monkeypatch):
+    import comfy.model_management
+
+    model, calls = counting_unet_calls(tiny.sd15_unet(seed=3))
+    patched = style_align(sa, core, model, share_group_norm="on")
+    technique = [t for t in sa.router_of(patched).techniques if isinstance(t, core.StyleAligned)][0]
+    free = sa.patch_extra_bytes(patched, technique, True, 3, 16, 16)  # room for 3 images, not 4
+    assert sa.patch_extra_bytes(patched, technique, True, 4, 16, 16) > free
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *args, **kwargs: free)
+    images = 4
+    positive, negative = conditioning(tiny, "sd15", images)
+    noise = torch.randn(images, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    import comfy.sample
+
+    with pytest.raises(ValueError, match=r"SharedAttentionStyleAlign: a latent batch of 4 images would need about .* "
+                                         r"at most 3 images fit: lower the latent batch_size to 3"):
+        comfy.sample.sample(patched, noise, STEPS, 5.0, "euler", "normal", positive, negative, torch.zeros_like(noise),
+                            seed=0, disable_pbar=True)
+    assert calls == []
+    out = sample(patched, positive, negative, images=2)  # two images fit
+    assert torch.isfinite(out).all() and len(calls) > 0

@@ -383,3 +383,41 @@ def test_tiles_folded_into_the_batch_are_refused():
         technique(q, k, v, call, attend_with(HEADS))
     whole = make_call(SDXL_LAYERS[0], ChunkLayout((0,), 8), 0, options={"original_shape": [8, 4, 8, 6]})
     assert technique(q, k, v, whole, attend_with(HEADS)).shape == q.shape
+
+
+@pytest.mark.parametrize("shift", [0.0, math.log(2)])
+def test_a_large_batch_is_attended_in_slices_within_the_budget(shift):
+    """The shared keys and values exist for a budget's worth of targets at a time, never for the whole batch."""
+    layout = ChunkLayout((1, 0), 9)
+    q, k, v = random_qkv(18, torch.float32, seed=4)
+    groups = sharing_groups(layout, 2, None)
+    options = StyleAlignedOptions(shared_score_shift=shift)
+    rows_seen = []
+
+    def recording(q_, k_, v_, mask=None):
+        rows_seen.append((q_.shape[0], k_.shape[1]))
+        return attend_with(HEADS)(q_, k_, v_, mask)
+
+    per_row = TOKENS * 6 * HEADS * DIM * 4  # queries, 2N keys, 2N values and the output of one fp32 row
+    out = shared_attention(q, k, v, groups, recording, options, budget=5 * per_row)
+    assert max(rows for rows, keys in rows_seen if keys == 2 * TOKENS) == 5  # 16 targets: 5, 5, 5, 1
+    assert sum(rows for rows, keys in rows_seen if keys == 2 * TOKENS) == 16
+    expected = direct_style_aligned(q, k, v, layout, 2, None, options)
+    assert (out.double() - expected).abs().max() <= 2e-5 * expected.abs().max()
+
+
+def test_shared_group_norm_of_a_large_batch_goes_in_slices():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(10, 8, 5, 7, generator=g) * torch.linspace(0.5, 3, 10).view(10, 1, 1, 1)
+    seen = []
+
+    def norm(t):
+        seen.append(t.shape[0])
+        return torch.nn.functional.group_norm(t, 4)
+
+    groups = sharing_groups(ChunkLayout((1, 0), 5), 0, None)
+    whole = shared_group_norm(x, groups, norm)
+    seen.clear()
+    sliced = shared_group_norm(x, groups, norm, budget=3 * 4 * x[0].numel() * 4)
+    assert seen == [10, 3, 3, 2]  # the batch alone, then the 8 targets' joint maps 3 at a time
+    assert torch.allclose(sliced, whole, atol=1e-6)
