@@ -179,6 +179,22 @@ def random_weights_(module, seed: int) -> None:
                 p.zero_()
 
 
+def unit_output_scale_(unet, family: str) -> None:
+    """Scale the output layer so the predicted noise has unit standard deviation, as a
+    trained model's has, so sampled latents, guidance losses and KMeans inputs stay in a
+    trained model's range (fp16 included). One forward pass at an 8×8 latent measures it."""
+    import torch
+
+    parameter = next(unet.parameters())
+    context, pooled = FULL_TEXT[family]
+    g = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=g).to(parameter.device, parameter.dtype)  # noqa: E731
+    y = make(1, FULL_UNET[family]["adm_in_channels"]) if pooled else None
+    with torch.no_grad():
+        out = unet(make(1, 4, 8, 8), torch.tensor([500.0], device=parameter.device), make(1, 77, context), y=y)
+        unet.out[-1].weight.div_(out.float().std().clamp(min=1e-6).to(parameter.dtype))
+
+
 def full_unet(family: str, dtype, seed: int = 0):
     """A ModelPatcher over the released architecture of `family`, random weights, built on
     ComfyUI's torch device in `dtype`."""
@@ -193,6 +209,7 @@ def full_unet(family: str, dtype, seed: int = 0):
     model = model_config.get_model({}, device=device)
     model.diffusion_model.to(device=device, dtype=dtype)
     random_weights_(model.diffusion_model, seed)
+    unit_output_scale_(model.diffusion_model, family)
     return comfy.model_patcher.ModelPatcher(model, load_device=device,
                                             offload_device=comfy.model_management.unet_offload_device())
 
@@ -274,12 +291,13 @@ def setup(args: argparse.Namespace, host: headless.Host | None = None) -> Setup:
     host = host or load_host(not args.gpu)
     fixtures = pack_module(host, "nodes.tiny_models")
     dtype = torch_dtype(args.dtype)
-    if args.unet == "full":
-        model = full_unet(args.model, dtype)
-        context, pooled = FULL_TEXT[args.model]
-    else:
-        model = {"sd15": fixtures.sd15_unet, "sdxl": fixtures.sdxl_unet}[args.model](seed=0, dtype=dtype)
-        context, pooled = fixtures.TEXT_HIDDEN, (fixtures.SDXL_POOLED if args.model == "sdxl" else None)
+    with torch.inference_mode():  # as ComfyUI's executor loads a checkpoint: the weights are inference tensors
+        if args.unet == "full":
+            model = full_unet(args.model, dtype)
+            context, pooled = FULL_TEXT[args.model]
+        else:
+            model = {"sd15": fixtures.sd15_unet, "sdxl": fixtures.sdxl_unet}[args.model](seed=0, dtype=dtype)
+            context, pooled = fixtures.TEXT_HIDDEN, (fixtures.SDXL_POOLED if args.model == "sdxl" else None)
     device = torch.cuda.get_device_name() if args.gpu else f"CPU ({torch.get_num_threads()} threads)"
     return Setup(host, args, model, fixtures, context, pooled, f"{device}; torch {torch.__version__}")
 
@@ -305,7 +323,9 @@ class Measured:
 def compare(variants: dict, s: Setup, steps: int | None = None, warmup_steps: int = 1) -> dict[str, Measured]:
     """Median wall time and peak CUDA memory of each variant, a callable of the step count.
 
-    Every variant first runs once with `warmup_steps` (model load, kernel selection); then
+    Everything runs under torch.inference_mode(), as in ComfyUI's executor (the techniques'
+    gradient passes must leave it themselves). Every variant first runs once with
+    `warmup_steps` (model load, kernel selection); then
     the repeats are interleaved (variant A, B, C, A, B, C, ...) so drift on a shared machine
     spreads over all of them. `steps` defaults to the setup's. Peak memory is CUDA's max
     allocated over the variant's runs (weights included); None on the CPU, where no
@@ -315,7 +335,8 @@ def compare(variants: dict, s: Setup, steps: int | None = None, warmup_steps: in
 
     cuda, steps, repeats = s.args.gpu, steps or s.args.steps, s.args.repeats
     for run in variants.values():
-        run(warmup_steps)
+        with torch.inference_mode():
+            run(warmup_steps)
     times = {label: [] for label in variants}
     peaks = {label: 0 for label in variants}
     for _ in range(repeats):
@@ -324,7 +345,8 @@ def compare(variants: dict, s: Setup, steps: int | None = None, warmup_steps: in
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            run(steps)
+            with torch.inference_mode():  # as ComfyUI's executor runs every node
+                run(steps)
             if cuda:
                 torch.cuda.synchronize()
                 peaks[label] = max(peaks[label], torch.cuda.max_memory_allocated())
@@ -360,6 +382,15 @@ def markdown(table_rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def measure(benchmark, s: Setup) -> list[dict]:
+    """A benchmark's table rows, measured under torch.inference_mode() as ComfyUI's executor
+    runs a prompt: models, conditioning and latents are inference tensors, as in users' graphs."""
+    import torch
+
+    with torch.inference_mode():
+        return benchmark.measure(s)
+
+
 def main(benchmark) -> None:
     """A benchmark script's command line: parse, build the model, measure, print the table.
     `benchmark` is the script's module: its docstring, GPU_STEPS, CPU_STEPS, CFG, FAMILIES
@@ -369,6 +400,6 @@ def main(benchmark) -> None:
     args.steps = max(args.steps, getattr(benchmark, "MIN_STEPS", 1))
     s = setup(args)
     print(s.describe())
-    table_rows = benchmark.measure(s)
+    table_rows = measure(benchmark, s)
     print()
     print(markdown(table_rows))

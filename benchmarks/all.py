@@ -75,7 +75,7 @@ def main():
         setting = f"{s.model_name()}, {own.size}², {own.dtype}, {steps} steps, cfg {own.cfg:g}"
         print(f"[{time.perf_counter() - started:6.0f} s] {name}: {setting}", file=sys.stderr, flush=True)
         try:
-            measured = benchmark.measure(s)
+            measured = _common.measure(benchmark, s)
         except Exception as error:  # noqa: BLE001  one failure (e.g. out of memory) must not lose the rest
             measured = [{"technique": name, "run": "failed", "notes": f"{type(error).__name__}: {error}"[:300]}]
             if args.gpu:
