@@ -1,13 +1,15 @@
 """The whole speed table: every technique against the same graph unpatched, in one
 process, as markdown on stdout and in a file.
 
-    python benchmarks/all.py                        # GPU: SDXL 1024² fp16 (Cross-Image: SD1.5 512²), about 5 min on an H100
+    python benchmarks/all.py                        # GPU: SDXL 1024² fp16 (Cross-Image: SD1.5 512²)
     python benchmarks/all.py --cpu --model sd15 --size 256 --steps 2
     python benchmarks/all.py --unet narrow --size 64 --steps 1 --out /tmp/smoke.md   # smoke run
 
 Runs benchmarks/router_overhead.py, style_aligned.py, inversion_speed.py, recording.py,
 bounded.py and cross_image.py with one model per architecture built once, each at its
-own step count (`--steps` sets all of them), interleaved repeats, median. A benchmark
+own step count (`--steps` sets all of them), interleaved repeats, median. The GPU step
+counts are chosen so the whole table fits 8 minutes on one H100 (estimated from the
+UNet calls each benchmark makes; not yet run on one). A benchmark
 that fails (e.g. out of memory) gets a row saying so and the others still run; the file
 is rewritten after each benchmark, so a run cut short keeps what it measured.
 """
