@@ -110,8 +110,8 @@ class RowCounter:
 # ----------------------------------------------------------------------------- command line
 
 
-def add_arguments(parser: argparse.ArgumentParser, gpu_steps: int, cpu_steps: int, cfg: float,
-                  families: tuple[str, ...] = FAMILIES) -> None:
+def add_arguments(parser: argparse.ArgumentParser, gpu_steps: int, cpu_steps: int, cfg: float | None,
+                  families: tuple[str, ...] = FAMILIES, steps_help: str | None = None) -> None:
     parser.add_argument("--model", choices=families, default=None,
                         help=f"architecture (default: {'sdxl' if 'sdxl' in families else families[0]} on a GPU, "
                              f"{families[0]} on the CPU)")
@@ -120,9 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser, gpu_steps: int, cpu_steps: in
                              "of the same blocks at 1/10 the width, for smoke runs")
     parser.add_argument("--size", type=int, default=None,
                         help="image side in pixels (default: SD1.5 512, SDXL 1024 on a GPU; 512 on the CPU)")
-    parser.add_argument("--steps", type=int, default=None, help=f"sampling steps (default: {gpu_steps} on a GPU, "
-                                                                 f"{cpu_steps} on the CPU)")
-    parser.add_argument("--cfg", type=float, default=cfg)
+    parser.add_argument("--steps", type=int, default=None,
+                        help=steps_help or f"sampling steps (default: {gpu_steps} on a GPU, {cpu_steps} on the CPU)")
+    parser.add_argument("--cfg", type=float, default=cfg,
+                        help="classifier-free guidance scale (default: " + (f"{cfg:g})" if cfg else "each benchmark's own)"))
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs of each variant, interleaved; the median is reported (default 3 GPU, 1 CPU)")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
@@ -146,10 +147,22 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what the UNets or the timing cannot take, before any model is built."""
+    if args.size is not None and (args.size < 64 or args.size % 64):
+        parser.error(f"--size must be a multiple of 64 (the latent is size/8 and the UNet halves it 3 times), "
+                     f"got {args.size}")
+    for name in ("steps", "repeats"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be 1 or more, got {getattr(args, name)}")
+
+
 def parse(description: str, gpu_steps: int, cpu_steps: int, cfg: float, families=FAMILIES) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     add_arguments(parser, gpu_steps, cpu_steps, cfg, families)
-    return resolve(parser.parse_args())
+    args = parser.parse_args()
+    check(parser, args)
+    return resolve(args)
 
 
 def torch_dtype(name: str):

@@ -47,11 +47,14 @@ def markdown(header: list[str], table_rows: list[dict]) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _common.add_arguments(parser, gpu_steps=0, cpu_steps=2, cfg=0.0)
+    _common.add_arguments(parser, gpu_steps=0, cpu_steps=2, cfg=None,
+                          steps_help="sampling steps of every benchmark (default: each one's own: on a GPU all.py's "
+                                     "GPU_STEPS, on the CPU each script's CPU default)")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run these benchmarks only")
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown file to write (default: benchmarks/results/<device>-<model>.md)")
     args = parser.parse_args()
+    _common.check(parser, args)
     steps_given, size_given = args.steps is not None, args.size is not None
     args = _common.resolve(args)
     host = _common.load_host(not args.gpu)
@@ -67,7 +70,7 @@ def main():
         family = args.model if args.model in families else families[0]
         steps = args.steps if steps_given else (GPU_STEPS[name] if args.gpu else benchmark.CPU_STEPS)
         steps = max(steps, getattr(benchmark, "MIN_STEPS", 1))
-        own = argparse.Namespace(**dict(vars(args), model=family, steps=steps, cfg=benchmark.CFG))
+        own = argparse.Namespace(**dict(vars(args), model=family, steps=steps, cfg=args.cfg or benchmark.CFG))
         if args.gpu and not size_given:
             own.size = _common.GPU_SIZE[family]
         if family not in setups:

@@ -113,3 +113,15 @@ def test_all_writes_the_whole_table_as_markdown(outputs):
     assert [(r[1], r[2]) for r in rows] == expected
     assert all(r[0].startswith("narrow test sd15 UNet, 64², fp32,") for r in rows)
     assert re.search(r"command: `python benchmarks/all.py --unet narrow", written)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--size", "100"], "--size must be a multiple of 64 (the latent is size/8 and the UNet halves it 3 times), got 100"),
+    (["--steps", "0"], "--steps must be 1 or more, got 0"),
+    (["--repeats", "0"], "--repeats must be 1 or more, got 0"),
+])
+def test_bad_sizes_and_counts_are_refused_by_name_before_any_model_is_built(arguments, message):
+    for script in ("router_overhead.py", "all.py"):
+        done = subprocess.run([sys.executable, str(BENCHMARKS / script), *arguments], capture_output=True, text=True,
+                              timeout=120, cwd=REPO)
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
