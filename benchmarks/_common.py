@@ -369,6 +369,23 @@ def compare(variants: dict, s: Setup, steps: int | None = None, warmup_steps: in
 
 # ----------------------------------------------------------------------------- the table
 
+
+def device_name(cpu: bool = False) -> str:
+    import torch
+
+    if torch.cuda.is_available() and not cpu:
+        return torch.cuda.get_device_name()
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def table(rows: list[dict]) -> str:
+    """A plain-text table of dicts with the same keys (benchmarks/quality.py's)."""
+    keys = list(rows[0])
+    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
+    line = lambda values: "  ".join(str(v).ljust(w) for v, w in zip(values, widths))  # noqa: E731
+    return "\n".join([line(keys), line("-" * w for w in widths)] + [line(r[k] for k in keys) for r in rows])
+
+
 COLUMNS = ("technique", "run", "seconds", "× baseline", "peak memory", "memory × baseline", "target", "notes")
 
 
