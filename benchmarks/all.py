@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import _common
@@ -82,7 +83,9 @@ def main():
         try:
             measured = _common.measure(benchmark, s)
         except Exception as error:  # noqa: BLE001  one failure (e.g. out of memory) must not lose the rest
-            measured = [{"technique": name, "run": "failed", "notes": f"{type(error).__name__}: {error}"[:300]}]
+            traceback.print_exc()
+            reason = f"{type(error).__name__}: {error}".replace("|", "/").replace("\n", " ")[:300]
+            measured = [{"technique": name, "run": "failed", "notes": reason}]
             if args.gpu:
                 import torch
 
