@@ -1,61 +1,52 @@
-"""Inversion cost: DDIMInvert against plain sampling (stock KSampler, ddim) with the same steps, at cfg 1.
+"""Inversion: DDIMInvert against sampling the same steps (KSampler, ddim sampler,
+ddim_uniform), one image at cfg 1, with the UNet calls per step of each.
 
-    python benchmarks/inversion_speed.py           # the device ComfyUI picks (CUDA if present, else CPU)
-    python benchmarks/inversion_speed.py --cpu     # force the CPU
+    python benchmarks/inversion_speed.py                 # GPU: SDXL 1024² fp16; CPU: SD1.5 512² fp32
+    python benchmarks/inversion_speed.py --model sd15 --steps 50
+    python benchmarks/inversion_speed.py --unet narrow --size 64 --steps 2  # smoke run
 
-Prints one table: seconds per step of each, their ratio (target ≤ 1.05) and the
-UNet calls per step of each, counted with a UNet function wrapper (target: 1 at cfg 1).
-Tiny SD1.5 model (random weights: the speed is the point), one 512² image (64×64 latent).
+Target ≤ 1.05× the sampling time, one UNet call per step at cfg 1.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
 
 import _common
 
+GPU_STEPS, CPU_STEPS, CFG = 50, 2, 1.0
+MIN_STEPS = 2  # DDIMInvert's minimum
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
-    parser.add_argument("--steps", type=int, default=50)
-    args = parser.parse_args()
 
-    host = _common.load_host(args.cpu)
+def measure(s: _common.Setup) -> list[dict]:
     import nodes
-    import torch
 
-    tiny = _common.pack_module(host, "nodes.tiny_models")
-    inversion = _common.pack_module(host, "nodes.inversion")
-
-    model = tiny.sd15_unet(seed=0)
+    inversion = s.module("nodes.inversion")
+    counted = s.model.clone()
     counter = _common.RowCounter()
-    model.set_model_unet_function_wrapper(counter)
-    positive = [[torch.randn(1, 77, tiny.TEXT_HIDDEN), {}]]
-    latent = {"samples": torch.randn(1, 4, 64, 64)}
-    steps, scheduler = args.steps, "ddim_uniform"
+    counted.set_model_unet_function_wrapper(counter)
+    positive, _ = s.conditioning()
+    latent = {"samples": s.noise(1, seed=3)}
+    scheduler = "ddim_uniform"
 
-    def sample():
-        nodes.KSampler().sample(model, 0, steps, 1.0, "ddim", scheduler, positive, positive, latent)
+    def sample(steps):
+        nodes.KSampler().sample(counted, 0, steps, 1.0, "ddim", scheduler, positive, positive, latent)
 
-    def invert():
-        inversion.DDIMInvert.execute(model, latent, positive, 1.0, steps, scheduler, "ddim", 0)
+    def invert(steps):
+        _common.run_node(inversion.DDIMInvert, model=counted, latent=latent, positive=positive, cfg=1.0, steps=steps,
+                         scheduler=scheduler, method="ddim")
 
-    rows = {}
-    for name, run in (("KSampler (ddim)", sample), ("DDIMInvert", invert)):
+    steps = s.args.steps
+    calls = {}
+    for label, run in (("KSampler (ddim)", sample), ("DDIMInvert", invert)):
         counter.clear()
-        run()
-        rows[name] = {"calls/step": len(counter.rows) / steps, "seconds": _common.timed(run)[0]}
-    base, inv = rows["KSampler (ddim)"]["seconds"], rows["DDIMInvert"]["seconds"]
-    print(f"device: {_common.device_name(args.cpu)}")
-    print(_common.table([{
-        "model": "sd15 tiny", "latent": "1x4x64x64", "steps": steps,
-        "KSampler s/step": f"{base / steps:.4f}", "DDIMInvert s/step": f"{inv / steps:.4f}",
-        "ratio (target <= 1.05)": f"{inv / base:.3f}",
-        "UNet calls/step (KSampler, DDIMInvert)": f"{rows['KSampler (ddim)']['calls/step']:g}, "
-                                                  f"{rows['DDIMInvert']['calls/step']:g}",
-    }]))
+        run(steps)
+        calls[label] = f"{len(counter.rows) / steps:g} UNet call(s)/step"
+    measured = _common.compare({"KSampler (ddim)": sample, "DDIMInvert": invert}, s, steps,
+                               warmup_steps=2)
+    return _common.rows("DDIMInvert", measured, "KSampler (ddim)", target={"DDIMInvert": "≤ 1.05, 1 call/step"},
+                        notes={label: f"cfg 1, {steps} steps; {note}" for label, note in calls.items()})
 
 
 if __name__ == "__main__":
-    main()
+    _common.main(sys.modules[__name__])

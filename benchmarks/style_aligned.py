@@ -1,58 +1,52 @@
-"""Time and peak memory of SharedAttentionStyleAlign against the same batch unpatched.
+"""StyleAligned: time and peak memory of a batch of 4 with SharedAttentionStyleAlign, and
+of the same batch taking its style from a photo (StyleAlignedReferenceFromInversion),
+against the same batch unpatched.
 
-    python benchmarks/style_aligned.py            # GPU if there is one, else CPU at a small size
-    python benchmarks/style_aligned.py --size 512 --steps 10
+    python benchmarks/style_aligned.py                   # GPU: SDXL 1024² fp16; CPU: SD1.5 512² fp32
+    python benchmarks/style_aligned.py --model sdxl --size 512 --steps 2
+    python benchmarks/style_aligned.py --unet narrow --size 64 --steps 1   # smoke run
 
-SDXL architecture (random weights: timing does not depend on the values), a batch
-of 4 images, CFG 5, euler, through ComfyUI's own `comfy.sample.sample`.
-GPU default: the full SDXL UNet (2.6 B parameters), fp16, 1024², 20 steps (the
-issue's setting). CPU default: the pack's narrow SDXL-structured test UNet (same
-70 attention layers, 1/10 the width) in fp32 at 256², 4 steps: a full SDXL needs
-10 GB in fp32 and hours per image on a CPU. Prints the device, the config and one table.
+Batch 4, CFG 5, euler; the nodes' defaults (the paper's). The photo's DDIM inversion is
+made once, outside the timing (its cost is benchmarks/inversion_speed.py's). Targets on
+SDXL 1024² fp16: ≤ 1.20× time and ≤ 1.05× peak memory.
 """
 
 from __future__ import annotations
 
-import statistics
+import sys
 
 import _common
 
+GPU_STEPS, CPU_STEPS, CFG = 20, 2, 5.0
 
-def main():
-    args = _common.sdxl_arguments(__doc__.split("\n")[0], steps=(20, 4), cfg=5.0, batch=True)
-    host = _common.load_host()
-    import torch
+BATCH = 4
 
-    tiny = _common.pack_module(host, "nodes.tiny_models")
-    StyleAlignedSettings = _common.pack_module(host, "attention_patches.style_aligned").StyleAlignedSettings
-    apply_style_aligned = _common.pack_module(host, "nodes.style_aligned").apply_style_aligned
 
-    full = args.model == "full"
-    model = _common.sdxl_model(tiny, _common.torch_dtype(args.dtype), full)
-    patched = apply_style_aligned(model, StyleAlignedSettings(), share_group_norm=False, reference_control=False)
-    latent = args.size // 8
-    noise = torch.randn(args.batch, 4, latent, latent, generator=torch.Generator().manual_seed(1))
-    positive, negative = _common.sdxl_conditioning(tiny, args.batch, full)
-    _common.describe_sdxl_run(args, full, args.batch)
+def measure(s: _common.Setup) -> list[dict]:
+    nodes = s.module("nodes.style_aligned")
+    inversion = s.module("nodes.inversion")
+    steps, cfg = s.args.steps, s.args.cfg
 
-    results = {}
-    for label, m in (("unpatched", model), ("StyleAligned", patched)):
-        _common.sample_timed(m, noise, min(args.steps, 2), args.cfg, positive, negative)  # warm-up: load, kernels
-        runs = [_common.sample_timed(m, noise, args.steps, args.cfg, positive, negative) for _ in range(args.repeats)]
-        seconds = statistics.median(r[0] for r in runs)
-        peaks = [r[1] for r in runs if r[1] is not None]
-        results[label] = (seconds, max(peaks) if peaks else None)
+    styled = _common.run_node(nodes.SharedAttentionStyleAlign, model=s.model)[0]
+    positive, negative = s.conditioning(BATCH)
+    noise = s.noise(BATCH)
 
-    base_s, base_peak = results["unpatched"]
-    print()
-    print("| variant | ms/step | time ratio | peak memory | memory ratio |")
-    print("|---|---|---|---|---|")
-    for label, (seconds, peak) in results.items():
-        per_step = 1000 * seconds / args.steps
-        memory = f"{peak / 2**30:.2f} GiB" if peak is not None else "n/a (CPU)"
-        memory_ratio = f"{peak / base_peak:.3f}x" if peak is not None else "n/a"
-        print(f"| {label} | {per_step:.1f} | {seconds / base_s:.3f}x | {memory} | {memory_ratio} |")
+    photo_positive, _ = s.conditioning(1, seed=5)
+    photo = {"samples": s.noise(1, seed=7)}
+    photo_inversion = _common.run_node(inversion.DDIMInvert, model=s.model, latent=photo, positive=photo_positive,
+                                       steps=max(steps, 2), scheduler="normal")[1]
+    offset = min(_common.node_defaults(nodes.StyleAlignedReferenceFromInversion)["offset"], max(steps, 2) - 1)
+    from_photo = _common.run_node(nodes.StyleAlignedReferenceFromInversion, model=styled, inversion=photo_inversion,
+                                  reference_positive=photo_positive, offset=offset)[0]
+
+    run = lambda model: lambda n: _common.sample(model, noise, n, cfg, positive, negative)  # noqa: E731
+    measured = _common.compare({"unpatched": run(s.model), "StyleAligned": run(styled),
+                                "StyleAligned from a photo": run(from_photo)}, s)
+    return _common.rows("StyleAligned", measured, "unpatched",
+                        target={"StyleAligned": "≤ 1.20 time, ≤ 1.05 memory"},
+                        notes={"unpatched": f"batch {BATCH}",
+                               "StyleAligned from a photo": f"inversion made once, untimed; offset {offset}"})
 
 
 if __name__ == "__main__":
-    main()
+    _common.main(sys.modules[__name__])
