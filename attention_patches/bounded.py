@@ -120,12 +120,27 @@ def box_masks(boxes: Sequence[Box], height: int, width: int, device=None) -> tor
     """`[S, H*W]` bool: the grid cells inside each box.
 
     Rows `round(y0·H):round(y1·H)`, columns `round(x0·W):round(x1·W)` with
-    Python's round (half to even), exactly as the authors rasterise boxes.
+    Python's round (half to even), as the authors rasterise boxes. Where that
+    leaves a box no row or no column (a small box on a coarse grid: a 0.25-wide
+    box on the 2² middle block of a 16² latent), it keeps the row/column holding
+    its centre: the authors' grids (8² and up at 512 px) never empty a box, and
+    an empty region would hide the subject's tokens from the whole layer.
     """
     masks = torch.zeros(len(boxes), height, width, dtype=torch.bool, device=device)
     for i, (x0, y0, x1, y1) in enumerate(boxes):
-        masks[i, round(y0 * height):round(y1 * height), round(x0 * width):round(x1 * width)] = True
+        rows = _cells(y0, y1, height)
+        columns = _cells(x0, x1, width)
+        masks[i, rows, columns] = True
     return masks.flatten(1)
+
+
+def _cells(start: float, end: float, cells: int) -> slice:
+    """The grid cells `round(start·n):round(end·n)`, or the cell holding the centre if that is empty."""
+    first, last = round(start * cells), round(end * cells)
+    if last > first:
+        return slice(first, last)
+    centre = min(int((start + end) / 2 * cells), cells - 1)
+    return slice(centre, centre + 1)
 
 
 def token_columns(tokens: Sequence[int], keys: int, device=None) -> torch.Tensor:

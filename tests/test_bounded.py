@@ -36,6 +36,15 @@ def test_box_masks_rasterise_like_the_authors():
     assert ba.box_masks([(0.5, 0.0, 1.0, 0.5)], 2, 6)[0].view(2, 6).tolist() == [[False] * 3 + [True] * 3, [False] * 6]
 
 
+def test_a_box_never_vanishes_on_a_coarse_grid():
+    # a 0.25-wide box on the 2x2 middle block of a 16x16 latent: rows and columns round(0.6):round(1.1) = 1:1
+    # are empty; the cell holding its centre (0.425·2 -> 0) stands for it, else its tokens would be closed everywhere
+    assert ba.box_masks([(0.3, 0.3, 0.55, 0.55)], 2, 2)[0].tolist() == [True, False, False, False]
+    # one empty axis only: the other keeps its rounded span (columns round(0.2):round(3.6) = 0:4, row of 0.425·4 -> 1)
+    assert ba.box_masks([(0.05, 0.4, 0.9, 0.45)], 4, 4)[0].view(4, 4).nonzero()[:, 0].unique().tolist() == [1]
+    assert ba.box_masks([(0.05, 0.4, 0.9, 0.45)], 4, 4)[0].sum() == 4
+
+
 @pytest.mark.parametrize("guiding", [False, True], ids=["denoising", "guidance-pass"])
 def test_cross_mask_who_sees_which_token(guiding):
     regions = ba.box_masks(BOXES, 4, 4)
