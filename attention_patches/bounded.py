@@ -241,6 +241,37 @@ def layer_tokens(layer: Layer, family: str, latent: tuple[int, int]) -> int:
     return -(-latent[0] // factor) * -(-latent[1] // factor)
 
 
+# The latent side the authors' layer choices were made at (SD1.5: 512 px, SDXL: 1024 px).
+AUTHORS_LATENT = {"sd15": 64, "sdxl": 128}
+
+
+def loss_layers_for(family: str, latent: tuple[int, int], layers: Sequence[Layer]) -> frozenset:
+    """The loss layers for a latent of `latent` (h, w) cells on a UNet with `layers`.
+
+    The authors' blocks (`LOSS_LAYERS`), and on a latent smaller than theirs also
+    every layer working at the grids those blocks have at the authors' size (SD1.5:
+    8² and 16²): there the authors' blocks shrink to grids a box barely covers
+    (on a 16² latent the middle block is 2², the first decoder block 4²), while
+    the layers at the authors' grids see the boxes as the authors' layers do.
+    On the demo model (128 px) these are all attention layers but input 7-8 (4²);
+    at the authors' size and above, exactly their blocks. Measured on the demo
+    model (benchmarks/quality.py): the authors' blocks alone leave the subjects
+    where the noise puts them.
+    """
+    base = LOSS_LAYERS[family]
+    size = AUTHORS_LATENT[family]
+    if max(latent) >= size:
+        return base
+
+    def side(layer, grid):
+        factor = DOWNSAMPLE[family][layer[0]][layer[1]]
+        return max(-(-grid[0] // factor), -(-grid[1] // factor))
+
+    authors_sides = {side(layer, (size, size)) for layer in base}
+    return base | frozenset(tuple(l) for l in layers
+                            if l[1] in DOWNSAMPLE[family].get(l[0], {}) and side(l, latent) in authors_sides)
+
+
 def memory_needed(latent: tuple[int, int], images: int, family: str, heads: Callable[[Layer], int],
                   loss_layers=frozenset(), loss_kinds=frozenset(), mask_layers=frozenset(), chunks: int = 2,
                   dtype_bytes: int = 2, text_tokens: int = CHUNK_TOKENS) -> dict[str, int]:

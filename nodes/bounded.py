@@ -172,15 +172,18 @@ class BoundedGuidanceWrapper:
 class MemoryCheck:
     """What the technique's own tensors need on a latent, and the refusal when that does not fit."""
 
-    def __init__(self, technique: ba.BoundedAttention, family: str, heads, guided: bool, device, dtype_bytes: int):
+    def __init__(self, technique: ba.BoundedAttention, family: str, heads, guided: bool, device, dtype_bytes: int,
+                 loss_layers):
         self.technique, self.family, self.heads = technique, family, heads
         self.guided, self.device, self.dtype_bytes = guided, device, dtype_bytes
+        self.loss_layers = loss_layers  # latent (h, w) -> the loss layers guidance reads on it
 
     def needed(self, latent: tuple[int, int], images: int) -> dict[str, int]:
         t = self.technique
         return ba.memory_needed(
             latent, images, self.family, self.heads,
-            loss_layers=t.loss_layers if self.guided else frozenset(), loss_kinds=t.loss.kinds if self.guided else (),
+            loss_layers=self.loss_layers(latent) if self.guided else frozenset(),
+            loss_kinds=t.loss.kinds if self.guided else (),
             mask_layers=t.recorder.selection.layers if t.recorder is not None else frozenset(),
             dtype_bytes=self.dtype_bytes)
 
@@ -206,15 +209,18 @@ class BoundedRun:
     """OUTER_SAMPLE wrapper: every sampling run starts from the boxes with an empty record, after the
     memory its latent needs is checked (before the first UNet call)."""
 
-    def __init__(self, technique: ba.BoundedAttention, memory: MemoryCheck | None = None):
+    def __init__(self, technique: ba.BoundedAttention, memory: MemoryCheck | None = None, loss_layers=None):
         self.technique = technique
         self.memory = memory
+        self.loss_layers = loss_layers  # latent (h, w) -> the loss layers for it (None: keep the technique's)
 
     def __deepcopy__(self, memo):
         return self
 
     def __call__(self, executor, *args, **kwargs):
         noise = next((a for a in args if isinstance(a, torch.Tensor) and a.ndim == 4), None)
+        if noise is not None and self.loss_layers is not None:
+            self.technique.loss_layers = self.loss_layers(tuple(noise.shape[-2:]))
         if self.memory is not None and noise is not None:
             self.memory.check(tuple(noise.shape[-2:]), noise.shape[0], "the latent's size")
         self.technique.begin_run()
@@ -271,12 +277,14 @@ def _apply(model, clip, prompt, subjects, boxes, width, height, guidance, guidan
     technique.inner_wants = _inner_wants(router, technique)
     guided = config is not None and guidance_steps > 0
     dtype_bytes = torch.finfo(model.model.get_dtype()).bits // 8 if hasattr(model.model, "get_dtype") else 2
-    memory = MemoryCheck(technique, family, _heads(model, family), guided, model.load_device, dtype_bytes)
+    loss_layers = lambda latent: ba.loss_layers_for(family, latent, router.layers)  # noqa: E731
+    memory = MemoryCheck(technique, family, _heads(model, family), guided, model.load_device, dtype_bytes, loss_layers)
+    technique.loss_layers = loss_layers((max(1, height // 8), max(1, width // 8)))
     memory.check((max(1, height // 8), max(1, width // 8)), 1, "width/height")
     if technique.recorder is not None:
         router.add(technique.recorder)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_KEY,
-                                 BoundedRun(technique, memory))
+                                 BoundedRun(technique, memory, loss_layers))
     if config is not None and guidance_steps > 0:
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
                                      BoundedGuidanceWrapper(technique, router.ordinal))

@@ -340,6 +340,18 @@ def test_families_and_their_loss_layers():
         ba.unet_family([("input", 1, 0), ("output", 0, 0)])
 
 
+def test_loss_layers_below_the_authors_size_add_the_layers_at_their_grids():
+    sd15 = [("input", i, 0) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0, 0)] + [("output", i, 0) for i in range(3, 12)]
+    assert ba.loss_layers_for("sd15", (64, 64), sd15) == ba.LOSS_LAYERS["sd15"]  # 512 px: the authors' blocks
+    assert ba.loss_layers_for("sd15", (96, 128), sd15) == ba.LOSS_LAYERS["sd15"]
+    # 128 px: middle 2², output 3-5 4², and every layer at the authors' 8² and 16²: all but input 7-8 (4²)
+    assert ba.loss_layers_for("sd15", (16, 16), sd15) == frozenset(sd15) - {("input", 7, 0), ("input", 8, 0)}
+    # 256 px: the 8² (input 7-8, output 3-5) and 16² (input 4-5, output 6-8) layers join the middle block
+    assert ba.loss_layers_for("sd15", (32, 32), sd15) == ba.LOSS_LAYERS["sd15"] | {
+        ("input", 7, 0), ("input", 8, 0), ("input", 4, 0), ("input", 5, 0), ("output", 6, 0), ("output", 7, 0),
+        ("output", 8, 0)}
+
+
 # -- guidance on a tiny attention model ---------------------------------------------------
 
 

@@ -95,7 +95,9 @@ def test_unsupported_family_is_refused(node, clip, pack):
 def test_sd2_style_unet_uses_the_sd15_layers_and_sdxl_its_own(node, tiny, clip, pack):
     patching = importlib.import_module(pack.__name__ + ".nodes.patching")
     for make, family in ((tiny.sd2v_unet, "sd15"), (tiny.sdxl_unet, "sdxl")):
-        patched = node._apply(make(seed=0), clip, **inputs())
+        # at the authors' size (SD1.x 512 px, SDXL 1024 px): their blocks
+        size = {"sd15": 512, "sdxl": 1024}[family]
+        patched = node._apply(make(seed=0), clip, **inputs(width=size, height=size))
         technique = next(t for t in patching.router_of(patched).techniques if t.name == "bounded_attention")
         assert technique.loss_layers == pack.attention_patches.bounded.LOSS_LAYERS[family]
         assert technique.guidance.step_size_start == {"sd15": 8.0, "sdxl": 18.0}[family]
@@ -156,15 +158,16 @@ def test_the_sampled_latent_is_checked_before_the_first_unet_call(node, tiny, cl
 
     model = node._apply(tiny.sd15_unet(seed=0), clip, **inputs(refine_masks=True))
     check = model.get_wrappers("outer_sample", node.RUN_WRAPPER_KEY)[0].memory
-    small, large = (sum(check.needed((n, n), 1).values()) for n in (16, 64))
+    small, large = (sum(check.needed((n, n), 1).values()) for n in (16, 128))
+    assert large > 2 * small
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: (small + large) // 2)
     calls = []
     model.set_model_unet_function_wrapper(lambda apply, c: calls.append(1) or apply(c["input"], c["timestep"], **c["c"]))
     positive, negative = conditioning(tiny, "sd15")
     import comfy.sample
 
-    noise = torch.randn(1, 4, 64, 64)
-    with pytest.raises(ValueError, match=r"the latent's size: a 512x512 px latent .* at most \d+x\d+ px fits"):
+    noise = torch.randn(1, 4, 128, 128)
+    with pytest.raises(ValueError, match=r"the latent's size: a 1024x1024 px latent .* at most \d+x\d+ px fits"):
         comfy.sample.sample(model, noise, 2, 5.0, "euler", "normal", positive, negative, torch.zeros_like(noise),
                             seed=0, disable_pbar=True)
     assert not calls
