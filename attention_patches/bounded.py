@@ -27,6 +27,23 @@ Several subjects, each in its box, without leakage between them:
 
 Boxes are `[x0, y0, x1, y1]`, normalised, origin top-left. Token indices are
 positions in one 77-token chunk of the prompt (SOT = 0).
+
+Where the pack differs from the authors' code, and why:
+- self-attention masks are applied per group of queries (`self_attention_groups`,
+  one key row per group) instead of as a dense N×N mask, wherever nothing further
+  in needs the whole call: identical results, O(N) memory;
+- a box that rounds to no cell on a coarse grid keeps the cell at its centre
+  (`box_masks`; their grids never empty a box);
+- below the authors' image size the loss also reads the layers at their grids
+  (`loss_layers_for`); at their size and above, their blocks exactly;
+- Layout Guidance sums its per-image losses where theirs averages the batch.
+
+On the demo model (benchmarks/quality.py) the masks cannot stop leakage: its small
+text encoder routes 65-99% of the cross-attention to the padding after EOS (SD1's
+tokenizer pads with the end token, which a causal encoder fills with the whole
+prompt), which the masks leave open to every pixel, as the authors leave padding
+open; closing it starves the image (no object, no background). Placement comes
+from the guidance.
 """
 
 from __future__ import annotations
