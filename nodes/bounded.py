@@ -340,10 +340,10 @@ class BoundedAttentionLayout(io.ComfyNode):
                              tooltip="At most this many gradient steps on the latent per guided step (paper: 5)."),
                 io.Float.Input("step_size_start", default=0.0, min=0.0, max=1000.0, step=0.5,
                                tooltip="Step size η at step 0; 0 = the authors' value for the model (SD1.x 8, SDXL 18). "
-                                       "The demo model's examples use 80 (measured best of 8, 80, 200)."),
+                                       "The demo model's examples use 40 (measured best of 8, 20, 40, 80)."),
                 io.Float.Input("step_size_end", default=0.0, min=0.0, max=1000.0, step=0.5,
                                tooltip="Step size η reached at the last guided step (linear); 0 = the authors' value (SD1.x 2, SDXL 5). "
-                                       "The demo model's examples use 20."),
+                                       "The demo model's examples use 10."),
                 io.Float.Input("loss_threshold", default=0.2, min=0.0, max=10.0, step=0.01,
                                tooltip="A step's iterations stop once the loss per image and subject is below this (paper: 0.2)."),
                 io.Float.Input("cross_loss_scale", default=1.5, min=0.0, max=100.0, step=0.1,
