@@ -27,6 +27,23 @@ Several subjects, each in its box, without leakage between them:
 
 Boxes are `[x0, y0, x1, y1]`, normalised, origin top-left. Token indices are
 positions in one 77-token chunk of the prompt (SOT = 0).
+
+Where the pack differs from the authors' code, and why:
+- self-attention masks are applied per group of queries (`self_attention_groups`,
+  one key row per group) instead of as a dense N×N mask, wherever nothing further
+  in needs the whole call: identical results, O(N) memory;
+- a box that rounds to no cell on a coarse grid keeps the cell at its centre
+  (`box_masks`; their grids never empty a box);
+- below the authors' image size the loss also reads the layers at their grids
+  (`loss_layers_for`); at their size and above, their blocks exactly;
+- Layout Guidance sums its per-image losses where theirs averages the batch.
+
+On the demo model (benchmarks/quality.py) the masks cannot stop leakage: its small
+text encoder routes 65-99% of the cross-attention to the padding after EOS (SD1's
+tokenizer pads with the end token, which a causal encoder fills with the whole
+prompt), which the masks leave open to every pixel, as the authors leave padding
+open; closing it starves the image (no object, no background). Placement comes
+from the guidance.
 """
 
 from __future__ import annotations
@@ -40,7 +57,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from .backend import mask_min, merge_heads, split_heads
+from .backend import mask_4d, mask_min, merge_heads, split_heads
 from .call import AttentionCall, Layer
 from .recorder import CROSS, SELF, AttentionRecorder, RecordSelection
 from .router import AttentionTechnique, combine_masks
@@ -120,12 +137,27 @@ def box_masks(boxes: Sequence[Box], height: int, width: int, device=None) -> tor
     """`[S, H*W]` bool: the grid cells inside each box.
 
     Rows `round(y0·H):round(y1·H)`, columns `round(x0·W):round(x1·W)` with
-    Python's round (half to even), exactly as the authors rasterise boxes.
+    Python's round (half to even), as the authors rasterise boxes. Where that
+    leaves a box no row or no column (a small box on a coarse grid: a 0.25-wide
+    box on the 2² middle block of a 16² latent), it keeps the row/column holding
+    its centre: the authors' grids (8² and up at 512 px) never empty a box, and
+    an empty region would hide the subject's tokens from the whole layer.
     """
     masks = torch.zeros(len(boxes), height, width, dtype=torch.bool, device=device)
     for i, (x0, y0, x1, y1) in enumerate(boxes):
-        masks[i, round(y0 * height):round(y1 * height), round(x0 * width):round(x1 * width)] = True
+        rows = _cells(y0, y1, height)
+        columns = _cells(x0, x1, width)
+        masks[i, rows, columns] = True
     return masks.flatten(1)
+
+
+def _cells(start: float, end: float, cells: int) -> slice:
+    """The grid cells `round(start·n):round(end·n)`, or the cell holding the centre if that is empty."""
+    first, last = round(start * cells), round(end * cells)
+    if last > first:
+        return slice(first, last)
+    centre = min(int((start + end) / 2 * cells), cells - 1)
+    return slice(centre, centre + 1)
 
 
 def token_columns(tokens: Sequence[int], keys: int, device=None) -> torch.Tensor:
@@ -164,6 +196,24 @@ def self_attention_allowed(regions: torch.Tensor) -> torch.Tensor:
     return background[..., :, None] | background[..., None, :] | shared
 
 
+def self_attention_groups(regions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """One image's self-attention mask in structured form: `[(queries, keys)]`, one entry per set of subjects.
+
+    `regions` `[S, N]` bool. The queries `[n]` (indices) held by the same subjects
+    share one row of `self_attention_allowed`: `keys` `[N]` bool (None: every key,
+    the background's row). At most 2^S groups, S + 1 for disjoint regions; the
+    mask is O(groups · N) instead of N².
+    """
+    background = ~regions.any(0)
+    signatures, group_of = torch.unique(regions.T, dim=0, return_inverse=True)  # [G, S], [N]
+    groups = []
+    for g, signature in enumerate(signatures):
+        queries = (group_of == g).nonzero().flatten()
+        keys = background | regions[signature].any(0) if signature.any() else None
+        groups.append((queries, keys))
+    return groups
+
+
 def additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
     """0 where allowed, `finfo(dtype).min` elsewhere."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, mask_min(dtype))
@@ -192,6 +242,94 @@ MASK_LAYERS = {
 }
 
 
+# How far below the latent each transformer layer works (SD1.x/SD2.x: input 1-2, 4-5, 7-8, the
+# middle, output 3-5, 6-8, 9-11; SDXL: input 4-5, 7-8, the middle, output 0-2, 3-5).
+DOWNSAMPLE = {
+    "sd15": {"input": {1: 1, 2: 1, 4: 2, 5: 2, 7: 4, 8: 4}, "middle": {0: 8},
+             "output": {3: 4, 4: 4, 5: 4, 6: 2, 7: 2, 8: 2, 9: 1, 10: 1, 11: 1}},
+    "sdxl": {"input": {4: 2, 5: 2, 7: 4, 8: 4}, "middle": {0: 4},
+             "output": {0: 4, 1: 4, 2: 4, 3: 2, 4: 2, 5: 2}},
+}
+
+
+def layer_tokens(layer: Layer, family: str, latent: tuple[int, int]) -> int:
+    """Query tokens of `layer` on a latent of `latent` (h, w) cells (the UNet rounds odd sizes up)."""
+    factor = DOWNSAMPLE[family][layer[0]][layer[1]]
+    return -(-latent[0] // factor) * -(-latent[1] // factor)
+
+
+# The latent side the authors' layer choices were made at (SD1.5: 512 px, SDXL: 1024 px).
+AUTHORS_LATENT = {"sd15": 64, "sdxl": 128}
+
+
+def loss_layers_for(family: str, latent: tuple[int, int], layers: Sequence[Layer]) -> frozenset:
+    """The loss layers for a latent of `latent` (h, w) cells on a UNet with `layers`.
+
+    The authors' blocks (`LOSS_LAYERS`), and on a latent smaller than theirs also
+    every layer working at the grids those blocks have at the authors' size (SD1.5:
+    8² and 16²): there the authors' blocks shrink to grids a box barely covers
+    (on a 16² latent the middle block is 2², the first decoder block 4²), while
+    the layers at the authors' grids see the boxes as the authors' layers do.
+    On the demo model (128 px) these are all attention layers but input 7-8 (4²);
+    at the authors' size and above, exactly their blocks. Measured on the demo
+    model (benchmarks/quality.py): the authors' blocks alone leave the subjects
+    where the noise puts them.
+    """
+    base = LOSS_LAYERS[family]
+    size = AUTHORS_LATENT[family]
+    if max(latent) >= size:
+        return base
+
+    def side(layer, grid):
+        factor = DOWNSAMPLE[family][layer[0]][layer[1]]
+        return max(-(-grid[0] // factor), -(-grid[1] // factor))
+
+    authors_sides = {side(layer, (size, size)) for layer in base}
+    return base | frozenset(tuple(l) for l in layers
+                            if l[1] in DOWNSAMPLE[family].get(l[0], {}) and side(l, latent) in authors_sides)
+
+
+def memory_needed(latent: tuple[int, int], images: int, family: str, heads: Callable[[Layer], int],
+                  loss_layers=frozenset(), loss_kinds=frozenset(), mask_layers=frozenset(), chunks: int = 2,
+                  dtype_bytes: int = 2, text_tokens: int = CHUNK_TOKENS) -> dict[str, int]:
+    """Bytes the technique's own tensors take at once on a latent of `latent` (h, w) and `images` images.
+
+    guidance: the loss layers' float32 logits, probabilities and their gradients (3 per head,
+    all layers kept for the backward pass) and a layer's dense self mask;
+    refinement: the mask layers' float32 self-attention record (sum and mean) and their dense
+    self masks (a recorder there needs whole calls), one per batch row once refined;
+    masks: the cross-attention masks of every grid. Self-attention elsewhere runs in
+    query groups (`self_attention_groups`) and needs no N×N tensor.
+    """
+    parts = {}
+    if loss_layers:
+        total = 0
+        for layer in loss_layers:
+            n = layer_tokens(layer, family, latent)
+            if "self" in loss_kinds:
+                total += 3 * images * heads(layer) * n * n * 4 + n * n * (dtype_bytes + 4)
+            if "cross" in loss_kinds:
+                total += 3 * images * heads(layer) * n * text_tokens * 4
+        parts["guidance"] = total
+    if mask_layers:
+        grids = {layer_tokens(layer, family, latent) for layer in mask_layers}
+        parts["refinement"] = sum(2 * images * n * n * 4 + chunks * images * n * n * (dtype_bytes + 5) for n in grids)
+    every_grid = {layer_tokens((kind, block, 0), family, latent) for kind, blocks in DOWNSAMPLE[family].items()
+                  for block in blocks}
+    parts["masks"] = sum(chunks * images * n * text_tokens * dtype_bytes for n in every_grid)
+    return parts
+
+
+def largest_fitting_latent(latent: tuple[int, int], available: int, needed: Callable[[tuple[int, int]], int]):
+    """The largest latent of `latent`'s aspect ratio whose `needed(latent)` bytes fit in `available` (None: none does)."""
+    h, w = latent
+    for side in range(max(h, w), 0, -1):
+        scaled = (max(1, round(h * side / max(h, w))), max(1, round(w * side / max(h, w))))
+        if needed(scaled) <= available:
+            return scaled
+    return None
+
+
 class UnsupportedFamilyError(ValueError):
     pass
 
@@ -214,12 +352,18 @@ def unet_family(layers: Sequence[Layer]) -> str:
 
 @dataclass
 class LayerProbs:
-    """Head-summed attention probabilities of one loss layer, conditional rows: `[B, N, K]`."""
+    """Head-summed attention probabilities of one loss layer, conditional rows: `[B, N, K]`;
+    with `head_probs` `[B, H, N, K]` the per-head ones too (for a loss with `per_head`)."""
 
     is_self: bool
     height: int
     width: int
     probs: torch.Tensor
+    head_probs: torch.Tensor | None = None
+
+    @classmethod
+    def from_heads(cls, is_self: bool, height: int, width: int, head_probs: torch.Tensor, keep_heads: bool = False):
+        return cls(is_self, height, width, head_probs.sum(1), head_probs if keep_heads else None)
 
 
 def region_sums(probs: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -275,38 +419,60 @@ class BoundedLoss:
         return loss, loss / (b * s)
 
 
-class LayoutGuidanceLoss:
-    """Layout Guidance (Chen et al., backward guidance), on the same loss layers' cross-attention.
+def floor_box_masks(boxes: Sequence[Box], height: int, width: int, device=None) -> torch.Tensor:
+    """`[S, H*W]` bool: Layout Guidance's rasterisation, rows `int(y0·H):int(y1·H)`, columns `int(x0·W):int(x1·W)`."""
+    masks = torch.zeros(len(boxes), height, width, dtype=torch.bool, device=device)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        masks[i, int(y0 * height):int(y1 * height), int(x0 * width):int(x1 * width)] = True
+    return masks.flatten(1)
 
-    Per layer, subject s and token t ∈ T_s: r = Σ_{i∈B_s} A[i, t] / Σ_i A[i, t];
-    L = Σ_layers Σ_s Σ_t mean_b (1 − r)² / S (their code's sum over layers and
-    tokens, divided by the number of objects). Normalised by the number of layers
-    and tokens for the stop test.
+
+class LayoutGuidanceLoss:
+    """Layout Guidance (Chen et al., backward guidance; silent-chen/layout-guidance `compute_ca_loss`),
+    on the same loss layers' cross-attention.
+
+    Per layer ℓ, subject s, token t ∈ T_s and head h: r = Σ_{i∈B_s} A_h[i, t] / Σ_i A_h[i, t]
+    (the box floored, `int(x·W)`, as theirs);
+    L = Σ_ℓ Σ_s (1/|T_s|) Σ_t mean_h (1 − r)² / (S · #layers): their average over
+    tokens, subjects and layers. Their mean also runs over the batch; the pack sums
+    the images instead (identical for one image), so that an image's gradient does
+    not shrink with the batch size. Normalised by the number of images for the stop test.
     """
 
     name = "layout_guidance"
     kinds = frozenset({"cross"})
+    per_head = True
 
     def __call__(self, layers: list[LayerProbs], layout: BoundedLayout):
-        loss, terms = 0.0, 0
-        for layer in (l for l in layers if not l.is_self):
-            boxes = box_masks(layout.boxes, layer.height, layer.width, layer.probs.device).to(layer.probs.dtype)
-            inside = torch.einsum("bnk,sn->bsk", layer.probs, boxes)
-            total = layer.probs.sum(1)  # [B, K]
-            for s, tokens in enumerate(layout.subject_tokens):
-                ratio = inside[:, s, list(tokens)] / total[:, list(tokens)]
-                loss = loss + ((1 - ratio) ** 2).mean(0).sum() / layout.subjects
-                terms += len(tokens)
-        if not terms:
+        cross = [l for l in layers if not l.is_self]
+        if not cross:
             raise ValueError("layout guidance loss: no cross-attention loss layer ran")
-        return loss, loss * layout.subjects / terms
+        loss = 0.0
+        for layer in cross:
+            probs = layer.head_probs  # [B, H, N, K]
+            boxes = floor_box_masks(layout.boxes, layer.height, layer.width, probs.device).to(probs.dtype)
+            for s, tokens in enumerate(layout.subject_tokens):
+                maps = probs[..., list(tokens)]  # [B, H, N, T]
+                ratio = torch.einsum("bhnt,n->bht", maps, boxes[s]) / maps.sum(-2)
+                loss = loss + ((1 - ratio) ** 2).mean((1, 2)).sum()  # mean over heads and tokens, sum over images
+        loss = loss / (layout.subjects * len(cross))
+        return loss, loss / cross[0].probs.shape[0]
+
+
+def gaussian_kernel(kernel: int = 3, sigma: float = 0.5, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Attend-and-Excite's 1-D kernel (utils/gaussian_smoothing.py): `exp(−((x − mean) / (2σ))²)`, normalised.
+
+    Their exponent divides by (2σ)², not 2σ²: the effective standard deviation
+    is σ·√2 (σ = 0.5: weights .212, .576, .212). Kept, as the paper's results use it.
+    """
+    x = torch.arange(kernel, dtype=dtype, device=device) - (kernel - 1) / 2
+    g = torch.exp(-((x / (2 * sigma)) ** 2))
+    return g / g.sum()
 
 
 def gaussian_smooth(maps: torch.Tensor, kernel: int = 3, sigma: float = 0.5) -> torch.Tensor:
-    """Attend-and-Excite's smoothing of `[M, H, W]` maps (reflect padding)."""
-    x = torch.arange(kernel, dtype=maps.dtype, device=maps.device) - (kernel - 1) / 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
+    """Attend-and-Excite's smoothing of `[M, H, W]` maps (their kernel, reflect padding)."""
+    g = gaussian_kernel(kernel, sigma, maps.dtype, maps.device)
     weight = (g[:, None] * g[None, :])[None, None]
     padded = F.pad(maps[:, None], (kernel // 2,) * 4, mode="reflect")
     return F.conv2d(padded, weight)[:, 0]
@@ -361,7 +527,8 @@ class GuidanceConfig:
 
     def __post_init__(self):
         if self.loss not in LOSSES:
-            raise ValueError(f"guidance loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
+            raise ValueError(f"guidance loss must be one of {sorted(LOSSES)} (or no GuidanceConfig: masks only), "
+                             f"got {self.loss!r}")
         if self.steps < 0 or self.iterations < 1:
             raise ValueError(f"guidance needs steps >= 0 and iterations >= 1, got {self.steps}, {self.iterations}")
 
@@ -551,6 +718,9 @@ class BoundedAttention(AttentionTechnique):
             raise ValueError("bounded mask refinement needs mask layers to record")
         self.refinement = refinement
         self.recorder = SubjectMapRecorder(self, mask_layers) if refinement else None
+        # whether a technique further in wants a call (set by whoever registers this one): if not, self-attention
+        # runs in query groups with one-row masks; if unknown (None), the recorder of the refinement is asked
+        self.inner_wants: Callable[[AttentionCall], bool] | None = None
         self.begin_run()
 
     def begin_run(self) -> None:
@@ -639,21 +809,60 @@ class BoundedAttention(AttentionTechnique):
     def wants(self, call: AttentionCall) -> bool:
         return self.masks or (self.collected is not None and call.layer in self.loss_layers)
 
+    def loss_call(self, call: AttentionCall) -> bool:
+        """Whether this call's probabilities feed the guidance loss (a guidance pass, a loss layer of the loss's kind)."""
+        return (self.collected is not None and call.layer in self.loss_layers
+                and ("self" if call.is_self else "cross") in self.loss.kinds)
+
     def __call__(self, q, k, v, call: AttentionCall, attend, mask=None):
         self.refresh_regions(call.step)
+        loss_call = self.loss_call(call)
+        if self.masks and call.is_self and not loss_call and not self.inner_needs_whole_call(call):
+            return self.grouped_self_attention(q, k, v, call, attend, mask)
         if self.masks:
             mask = combine_masks(mask, self.mask_for(call, k.shape[1], q.dtype, q.device))
-        if self.collected is None or call.layer not in self.loss_layers:
-            return attend(q, k, v, mask)
-        kind = "self" if call.is_self else "cross"
-        if kind not in self.loss.kinds:
+        if not loss_call:
             return attend(q, k, v, mask)
         probs = head_sum_probabilities(q, k, call.heads, mask)
         rows = torch.tensor(call.layout.rows(cond=True), device=q.device)
-        self.collected.append(LayerProbs(call.is_self, call.height, call.width, probs.index_select(0, rows).sum(1)))
+        self.collected.append(LayerProbs.from_heads(call.is_self, call.height, call.width, probs.index_select(0, rows),
+                                                    keep_heads=getattr(self.loss, "per_head", False)))
         if (call.ordinal, call.is_self) == self._last_loss_call:
             raise LossLayersDone
         return merge_heads(probs.to(v.dtype) @ split_heads(v, call.heads))
+
+    def inner_needs_whole_call(self, call: AttentionCall) -> bool:
+        if self.inner_wants is not None:
+            return self.inner_wants(call)
+        return self.recorder is not None and self.recorder.wants(call)
+
+    def grouped_self_attention(self, q, k, v, call: AttentionCall, attend, mask=None):
+        """The bounded self-attention without an N×N mask: each group of queries that sees the same keys
+        (`self_attention_groups`) attends with a one-row key mask `[1, 1, 1, N]`.
+
+        Only where nothing inside this technique needs the whole call (`inner_wants`):
+        a technique further in sees the queries in groups.
+        """
+        regions = self.regions_for(call, q.device)
+        rows_of_image = [None] if regions.ndim == 2 else [
+            torch.tensor([c * call.layout.images + i for c in range(len(call.layout.cond_or_uncond))], device=q.device)
+            for i in range(call.layout.images)]
+        outer = None if mask is None else mask_4d(mask)
+        out = torch.empty_like(q)
+        for image, rows in enumerate(rows_of_image):
+            image_regions = regions if rows is None else regions[image]
+            qi, ki, vi = (q, k, v) if rows is None else (q[rows], k[rows], v[rows])
+            for queries, keys in self_attention_groups(image_regions):
+                group_mask = None if keys is None else additive(keys, q.dtype)[None, None, None, :]
+                if outer is not None:
+                    own = outer if rows is None or outer.shape[0] == 1 else outer[rows]
+                    group_mask = combine_masks(own if own.shape[-2] == 1 else own[..., queries, :], group_mask)
+                result = attend(qi[:, queries], ki, vi, group_mask)
+                if rows is None:
+                    out[:, queries] = result
+                else:
+                    out[rows[:, None], queries[None, :]] = result
+        return out
 
     # -- guidance passes -----------------------------------------------------
 

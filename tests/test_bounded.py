@@ -7,6 +7,7 @@ import torch
 from attention_reference import softmax_attention
 
 from attention_lab.attention_patches import AttentionRouter
+from attention_lab.attention_patches import backend as ba_backend
 from attention_lab.attention_patches import bounded as ba
 
 HEADS = 2
@@ -33,6 +34,15 @@ def test_box_masks_rasterise_like_the_authors():
     assert ba.box_masks([(0.125, 0.0, 0.625, 1.0)], 1, 4)[0].tolist() == [True, True, False, False]
     # non-square grids: x by width, y by height
     assert ba.box_masks([(0.5, 0.0, 1.0, 0.5)], 2, 6)[0].view(2, 6).tolist() == [[False] * 3 + [True] * 3, [False] * 6]
+
+
+def test_a_box_never_vanishes_on_a_coarse_grid():
+    # a 0.25-wide box on the 2x2 middle block of a 16x16 latent: rows and columns round(0.6):round(1.1) = 1:1
+    # are empty; the cell holding its centre (0.425·2 -> 0) stands for it, else its tokens would be closed everywhere
+    assert ba.box_masks([(0.3, 0.3, 0.55, 0.55)], 2, 2)[0].tolist() == [True, False, False, False]
+    # one empty axis only: the other keeps its rounded span (columns round(0.2):round(3.6) = 0:4, row of 0.425·4 -> 1)
+    assert ba.box_masks([(0.05, 0.4, 0.9, 0.45)], 4, 4)[0].view(4, 4).nonzero()[:, 0].unique().tolist() == [1]
+    assert ba.box_masks([(0.05, 0.4, 0.9, 0.45)], 4, 4)[0].sum() == 4
 
 
 @pytest.mark.parametrize("guiding", [False, True], ids=["denoising", "guidance-pass"])
@@ -120,6 +130,36 @@ def test_technique_masks_cond_rows_of_cross_and_every_row_of_self(cond_or_uncond
     assert torch.allclose(out.double(), reference(q, q, q, selfm), atol=1e-5)
 
 
+def test_self_attention_runs_in_query_groups_without_an_n_by_n_mask():
+    # overlapping boxes (a query in both sees both), refined regions per image, and a mask from further out
+    boxes = ((0.0, 0.0, 0.75, 0.5), (0.5, 0.0, 1.0, 1.0))
+    layout = ba.BoundedLayout(boxes=boxes, subject_tokens=((2, 3), (6, 7)), eos_token=8)
+    masks_seen = []
+
+    def spy(q, k, v, heads, mask=None, **kwargs):
+        masks_seen.append(None if mask is None else tuple(mask.shape))
+        return ba_backend.sdpa_attention(q, k, v, heads, mask=mask)
+
+    router = AttentionRouter(LAYERS, attention=spy)
+    technique = router.add(ba.BoundedAttention(layout))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(4, 16, HEADS * 8, generator=g, dtype=torch.float64) for _ in range(3))
+    outer = torch.randn(4, 1, 16, 16, generator=g, dtype=torch.float64)
+    box_regions = ba.box_masks(boxes, 4, 4)
+    refined = torch.stack([box_regions, box_regions.roll(1, -1)])  # two images, other regions each
+    for regions in (None, refined):
+        technique.refined, technique.refined_grid = regions, (None if regions is None else (4, 4))
+        technique._cache.clear()
+        masks_seen.clear()
+        out = router.patch_for(LAYERS[0], is_self=True)(q, k, v, options(batch=4), mask=outer)
+        per_image = [box_regions] * 2 if regions is None else list(regions)
+        for row in range(4):
+            allowed = ba.self_attention_allowed(per_image[row % 2])
+            expected = reference(q[row:row + 1], k[row:row + 1], v[row:row + 1], outer[row:row + 1, 0] + ba.additive(allowed, torch.float64))
+            assert torch.allclose(out[row:row + 1], expected, atol=1e-10), row
+        assert masks_seen and all(shape[-1] == 16 and shape[-2] < 16 for shape in masks_seen if shape)
+
+
 # -- losses -----------------------------------------------------------------------------
 
 
@@ -184,17 +224,81 @@ def test_bounded_loss_is_zero_when_attention_stays_in_the_boxes():
     assert ba.BoundedLoss()([ba.LayerProbs(False, h, w, leaked), ba.LayerProbs(True, h, w, selfp)], LAYOUT)[0] > 0.1
 
 
-def test_layout_guidance_loss_against_its_formula():
-    raw = planted_probs(2, grids=((4, 4),), batch=1)
-    layers = [ba.LayerProbs(s, h, w, x.softmax(-1)) for s, h, w, x in raw]
-    loss, _ = ba.LayoutGuidanceLoss()(layers, LAYOUT)
-    cross = layers[0].probs[0]
-    expected = 0.0
-    for s, tokens in enumerate(LAYOUT.subject_tokens):
-        for t in tokens:
-            ratio = sum(cross[i, t] for i in cells(BOXES[s])) / cross[:, t].sum()
-            expected += (1 - ratio) ** 2 / 2
-    assert torch.allclose(loss, expected)
+def authors_compute_ca_loss(attn_maps, bboxes, object_positions):
+    """silent-chen/layout-guidance utils.compute_ca_loss, transcribed (mid and up maps in one list;
+    each map `[batch·heads, i, j]`)."""
+    loss = 0
+    object_number = len(bboxes)
+    for attn_map in attn_maps:
+        b, i, j = attn_map.shape
+        H = W = int(i ** 0.5)
+        for obj_idx in range(object_number):
+            obj_loss = 0
+            mask = torch.zeros(size=(H, W), dtype=attn_map.dtype)
+            for obj_box in bboxes[obj_idx]:
+                x_min, y_min, x_max, y_max = int(obj_box[0] * W), int(obj_box[1] * H), int(obj_box[2] * W), int(obj_box[3] * H)
+                mask[y_min: y_max, x_min: x_max] = 1
+            for obj_position in object_positions[obj_idx]:
+                ca_map_obj = attn_map[:, :, obj_position].reshape(b, H, W)
+                activation_value = (ca_map_obj * mask).reshape(b, -1).sum(dim=-1) / ca_map_obj.reshape(b, -1).sum(dim=-1)
+                obj_loss += torch.mean((1 - activation_value) ** 2)
+            loss += (obj_loss / len(object_positions[obj_idx]))
+    loss = loss / (object_number * len(attn_maps))
+    return loss
+
+
+def test_layout_guidance_loss_is_the_authors_compute_ca_loss():
+    # boxes whose edges floor and round differently on a 4x4 grid (0.15·4 = 0.6, 0.65·4 = 2.6),
+    # subjects of one and two tokens, two layers, heads with different maps
+    layout = ba.BoundedLayout(boxes=((0.1, 0.15, 0.6, 0.65), (0.5, 0.4, 0.95, 0.9)), subject_tokens=((3,), (6, 7)),
+                              eos_token=8)
+    g = torch.Generator().manual_seed(4)
+    heads = [(torch.randn(1, HEADS, 16, 77, generator=g, dtype=torch.float64) * 3).softmax(-1) for _ in range(2)]
+    layers = [ba.LayerProbs.from_heads(False, 4, 4, h, keep_heads=True) for h in heads]
+    loss, normalized = ba.LayoutGuidanceLoss()(layers, layout)
+    expected = authors_compute_ca_loss([h.flatten(0, 1) for h in heads], [[b] for b in layout.boxes],
+                                       [list(t) for t in layout.subject_tokens])
+    assert torch.allclose(loss, expected, rtol=1e-12) and torch.allclose(normalized, expected)
+    # summing the heads first (one ratio of the head-summed map) is another loss
+    summed = authors_compute_ca_loss([h.sum(1) for h in heads], [[b] for b in layout.boxes],
+                                     [list(t) for t in layout.subject_tokens])
+    assert not torch.allclose(loss, summed, rtol=1e-3)
+
+
+def test_layout_guidance_rasterises_boxes_by_flooring():
+    assert ba.floor_box_masks([(0.1, 0.15, 0.6, 0.65)], 4, 4)[0].view(4, 4).nonzero().tolist() == [
+        [r, c] for r in (0, 1) for c in (0, 1)]  # int(0.6) = 0 : int(2.6) = 2 rows, int(0.4) = 0 : int(2.4) = 2 columns
+
+
+def test_layout_guidance_sums_images():
+    g = torch.Generator().manual_seed(6)
+    heads = (torch.randn(2, HEADS, 16, 77, generator=g, dtype=torch.float64) * 3).softmax(-1)
+    both = ba.LayoutGuidanceLoss()([ba.LayerProbs.from_heads(False, 4, 4, heads, keep_heads=True)], LAYOUT)[0]
+    each = [ba.LayoutGuidanceLoss()([ba.LayerProbs.from_heads(False, 4, 4, heads[i:i + 1], keep_heads=True)], LAYOUT)[0]
+            for i in range(2)]
+    assert torch.allclose(both, each[0] + each[1])
+
+
+def authors_gaussian_kernel(kernel_size=3, sigma=0.5):
+    """Attend-and-Excite utils/gaussian_smoothing.py, transcribed (dim 2)."""
+    import math
+    kernel = 1
+    meshgrids = torch.meshgrid([torch.arange(kernel_size, dtype=torch.float32)] * 2, indexing="ij")
+    for size, std, mgrid in zip([kernel_size] * 2, [sigma] * 2, meshgrids):
+        mean = (size - 1) / 2
+        kernel *= 1 / (std * math.sqrt(2 * math.pi)) * torch.exp(-((mgrid - mean) / (2 * std)) ** 2)
+    return kernel / torch.sum(kernel)
+
+
+def test_attend_and_excite_smoothing_is_the_authors_kernel():
+    g = ba.gaussian_kernel(3, 0.5)
+    # exp(-x²/(4σ²)) at σ 0.5: exp(-1) at ±1 (a kernel exp(-x²/(2σ²)) would give .107, .787, .107)
+    assert torch.allclose(g, torch.tensor([0.2119, 0.5761, 0.2119]), atol=1e-4)
+    maps = torch.rand(2, 5, 5, generator=torch.Generator().manual_seed(2))
+    # their call: pad (1, 1, 1, 1) reflect, then the depthwise conv with their kernel
+    theirs = torch.nn.functional.conv2d(torch.nn.functional.pad(maps[:, None], (1, 1, 1, 1), mode="reflect"),
+                                        authors_gaussian_kernel()[None, None])[:, 0]
+    assert torch.allclose(ba.gaussian_smooth(maps), theirs, atol=1e-6)
 
 
 def test_attend_and_excite_loss_is_the_most_neglected_subject():
@@ -236,6 +340,18 @@ def test_families_and_their_loss_layers():
         ba.unet_family([("input", 1, 0), ("output", 0, 0)])
 
 
+def test_loss_layers_below_the_authors_size_add_the_layers_at_their_grids():
+    sd15 = [("input", i, 0) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0, 0)] + [("output", i, 0) for i in range(3, 12)]
+    assert ba.loss_layers_for("sd15", (64, 64), sd15) == ba.LOSS_LAYERS["sd15"]  # 512 px: the authors' blocks
+    assert ba.loss_layers_for("sd15", (96, 128), sd15) == ba.LOSS_LAYERS["sd15"]
+    # 128 px: middle 2², output 3-5 4², and every layer at the authors' 8² and 16²: all but input 7-8 (4²)
+    assert ba.loss_layers_for("sd15", (16, 16), sd15) == frozenset(sd15) - {("input", 7, 0), ("input", 8, 0)}
+    # 256 px: the 8² (input 7-8, output 3-5) and 16² (input 4-5, output 6-8) layers join the middle block
+    assert ba.loss_layers_for("sd15", (32, 32), sd15) == ba.LOSS_LAYERS["sd15"] | {
+        ("input", 7, 0), ("input", 8, 0), ("input", 4, 0), ("input", 5, 0), ("output", 6, 0), ("output", 7, 0),
+        ("output", 8, 0)}
+
+
 # -- guidance on a tiny attention model ---------------------------------------------------
 
 
@@ -265,9 +381,14 @@ class TinyAttentionNet(torch.nn.Module):
         return x
 
 
+# Layout Guidance's loss is a mean over subjects and layers (4 here), the others sum: a step size per loss
+STEP_SIZES = {"bounded": 200.0, "layout_guidance": 800.0, "attend_and_excite": 400.0}
+
+
 def guidance_setup(loss="bounded", inference=False):
     router = AttentionRouter(LAYERS)
-    config = ba.GuidanceConfig(loss=loss, iterations=6, loss_threshold=0.0, step_size_start=200.0, step_size_end=200.0)
+    config = ba.GuidanceConfig(loss=loss, iterations=6, loss_threshold=0.0, step_size_start=STEP_SIZES[loss],
+                               step_size_end=STEP_SIZES[loss])
     technique = router.add(ba.BoundedAttention(LAYOUT, loss_layers={LAYERS[1], LAYERS[2]}, guidance=config))
     if inference:
         with torch.inference_mode():
@@ -283,7 +404,6 @@ def guidance_setup(loss="bounded", inference=False):
 def test_guidance_lowers_the_loss_on_a_tiny_model(loss):
     router, technique, net, z = guidance_setup(loss)
     z_new, losses = ba.guided_latent(net, technique, z, step=0, ordinals=router.ordinal)
-    # measured: bounded 1.229 -> 0.648, layout guidance 0.435 -> 0.142, attend-and-excite 0.726 -> 0.639
     assert len(losses) == 6 and all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] * 0.9, losses
     assert not z_new.requires_grad and z_new.grad_fn is None and not torch.equal(z_new, z)
     assert technique.collected is None  # the pass closed

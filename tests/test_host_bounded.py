@@ -103,6 +103,9 @@ def test_the_editor_shows_what_the_node_would_run_or_refuse(node, case):
     (dict(boxes="[[0, 0, 0.5, 0.5]]"), "no box for subject\\(s\\) \\['gray puppy'\\]"),
     (dict(boxes="[[0, 0, 0.5, 0.5], "), "boxes: not valid JSON"),
     (dict(boxes="[[0, 0, 700, 100], [0, 0, 10, 10]]", width=512), "outside \\[0, 1\\]"),
+    # every choice named, "off" included
+    (dict(guidance="boxdiff"), "BoundedAttentionLayout: guidance: expected one of bounded, layout_guidance, "
+                               "attend_and_excite, off, got 'boxdiff'"),
 ])
 def test_clear_errors(node, tiny, clip, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -126,7 +129,9 @@ def test_unsupported_family_is_refused(node, clip, pack):
 def test_sd2_style_unet_uses_the_sd15_layers_and_sdxl_its_own(node, tiny, clip, pack):
     patching = importlib.import_module(pack.__name__ + ".nodes.patching")
     for make, family in ((tiny.sd2v_unet, "sd15"), (tiny.sdxl_unet, "sdxl")):
-        patched = node._apply(make(seed=0), clip, **inputs())
+        # at the authors' size (SD1.x 512 px, SDXL 1024 px): their blocks
+        size = {"sd15": 512, "sdxl": 1024}[family]
+        patched = node._apply(make(seed=0), clip, **inputs(width=size, height=size))
         technique = next(t for t in patching.router_of(patched).techniques if t.name == "bounded_attention")
         assert technique.loss_layers == pack.attention_patches.bounded.LOSS_LAYERS[family]
         assert technique.guidance.step_size_start == {"sd15": 8.0, "sdxl": 18.0}[family]
@@ -171,3 +176,34 @@ def test_guidance_with_cond_and_uncond_in_separate_calls_matches_one_call(node, 
         split.add_object_patch("memory_required", lambda *args, **kwargs: 1e30)
         separate = sample(split, positive, negative, steps=2)
     assert (separate - together).abs().max() < 1e-4 * together.abs().max()
+
+
+def test_a_size_whose_attention_maps_cannot_fit_is_refused_by_the_node(node, tiny, clip):
+    # 8192² px: guidance's self-attention maps at 256² tokens alone are hundreds of GiB
+    with pytest.raises(ValueError, match=r"BoundedAttentionLayout: width/height: a 8192x8192 px latent \(1 image\(s\)\) "
+                                         r"needs about .* GiB .*guidance .* is free .*; at most \d+x\d+ px fits"):
+        node._apply(tiny.sd15_unet(seed=0), clip, **inputs(width=8192, height=8192))
+    # masks alone need no N×N map: the same size is accepted
+    node._apply(tiny.sd15_unet(seed=0), clip, **inputs(width=8192, height=8192, guidance="off", refine_masks=False))
+
+
+def test_the_sampled_latent_is_checked_before_the_first_unet_call(node, tiny, clip, monkeypatch):
+    import comfy.model_management
+
+    model = node._apply(tiny.sd15_unet(seed=0), clip, **inputs(refine_masks=True))
+    check = model.get_wrappers("outer_sample", node.RUN_WRAPPER_KEY)[0].memory
+    small, large = (sum(check.needed((n, n), 1).values()) for n in (16, 128))
+    assert large > 2 * small
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: (small + large) // 2)
+    calls = []
+    model.set_model_unet_function_wrapper(lambda apply, c: calls.append(1) or apply(c["input"], c["timestep"], **c["c"]))
+    positive, negative = conditioning(tiny, "sd15")
+    import comfy.sample
+
+    noise = torch.randn(1, 4, 128, 128)
+    with pytest.raises(ValueError, match=r"the latent's size: a 1024x1024 px latent .* at most \d+x\d+ px fits"):
+        comfy.sample.sample(model, noise, 2, 5.0, "euler", "normal", positive, negative, torch.zeros_like(noise),
+                            seed=0, disable_pbar=True)
+    assert not calls
+    sample(model, positive, negative, steps=2)  # 128 px fits
+    assert calls
