@@ -891,19 +891,33 @@ class _CloneInferenceTensors(TorchFunctionMode):
     """Every inference tensor an op receives (weights loaded under `torch.inference_mode()`,
     conditioning) is replaced by a detached normal copy, so autograd may save it for backward.
 
-    Only the copies the graph keeps live, and only until the backward pass is done.
+    Each inference tensor is copied once per mode, not once per op: a UNet pass uses its
+    weights in many ops and the guidance runs several passes, and copying the weights on
+    every use would cost more time and memory than the passes themselves. The copies live
+    until the mode exits (one guided step).
     """
 
+    def __init__(self):
+        super().__init__()
+        self.copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (the inference tensor, its copy)
+
+    def normal(self, t):
+        if not (isinstance(t, torch.Tensor) and t.is_inference()):
+            return t
+        held = self.copies.get(id(t))
+        if held is None or held[0] is not t:  # holding the original keeps its id from being reused
+            held = self.copies[id(t)] = (t, t.detach().clone())
+        return held[1]
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        swap = lambda t: t.detach().clone() if isinstance(t, torch.Tensor) and t.is_inference() else t  # noqa: E731
-        return func(*tree_map(swap, args), **tree_map(swap, kwargs or {}))
+        return func(*tree_map(self.normal, args), **tree_map(self.normal, kwargs or {}))
 
 
 @contextmanager
 def autograd_enabled():
     """Leave ComfyUI's inference mode for a gradient computation with respect to the latent only."""
-    with torch.inference_mode(False), torch.enable_grad(), _CloneInferenceTensors():
-        yield
+    with torch.inference_mode(False), torch.enable_grad(), _CloneInferenceTensors() as copies:
+        yield copies
 
 
 def guided_latent(forward: Callable[[torch.Tensor], None], technique: BoundedAttention, z: torch.Tensor,

@@ -444,3 +444,25 @@ def test_sampler_consistent_denoised_reproduces_the_guided_euler_step():
 
     assert torch.allclose(euler(x, d), euler(x_guided, d_guided), atol=1e-5)
     assert torch.equal(ba.sampler_consistent_denoised(d_guided, x, x_guided, sigma, 0.0), d_guided)
+
+
+def test_guidance_copies_each_inference_tensor_once_per_step_and_gets_the_gradient():
+    """Weights loaded under inference mode are copied once for a guided step, however many ops and passes use
+    them (not once per op), and the gradient with respect to the latent is the one plain autograd gives."""
+    with torch.inference_mode():
+        weight = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    with ba.autograd_enabled() as mode:
+        z = z.detach().clone().requires_grad_(True)
+        out = z
+        for _ in range(3):  # three passes through the same weight
+            out = torch.tanh(out @ weight) + out @ weight.t()
+        (grad,) = torch.autograd.grad(out.square().sum(), z)
+        assert len(mode.copies) == 1 and mode.copies[id(weight)][0] is weight
+    plain_weight = weight.clone()
+    expected_z = z.detach().clone().requires_grad_(True)
+    out = expected_z
+    for _ in range(3):
+        out = torch.tanh(out @ plain_weight) + out @ plain_weight.t()
+    (expected,) = torch.autograd.grad(out.square().sum(), expected_z)
+    torch.testing.assert_close(grad, expected)
