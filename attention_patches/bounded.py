@@ -372,7 +372,7 @@ def region_sums(probs: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) 
 
 
 def bounded_shares(layer: LayerProbs, layout: BoundedLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fg, bg) `[B, S]` of one layer (methods.md §3).
+    """(fg, bg) `[B, S]` of one layer (docs/methods.md §3).
 
     cross: fg_s = Σ_{i∈B_s, j∈T_s∪EOS} A, bg_s = Σ_{i∈bg, j∈T_s∪EOS} A;
     self:  fg_s = Σ_{i∈B_s, j∈B_s} A,     bg_s = Σ_{i∈bg, j∈B_s} A.

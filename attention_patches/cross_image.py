@@ -6,7 +6,7 @@ two highest resolutions, but takes keys and values from the appearance image
 map contrasted. Two predictions per step (with and without the swap) are
 blended by swap guidance, and after a set step the output latent is matched
 to the appearance latent by masked AdaIN inside the objects' masks
-(methods.md §2, garibida/cross-image-attention).
+(docs/methods.md §2, garibida/cross-image-attention).
 
 The math is in named functions (`contrast`, `contrasted_attention`,
 `swap_guidance_scales`, `masked_adain`, `object_clusters`), the step plan in

@@ -1,6 +1,6 @@
 """Segmentation, labels, heat maps and PCA from recorded attention maps.
 
-Local-prompt-mixing's segmentation (methods.md §4): KMeans on the rows of the
+Local-prompt-mixing's segmentation (docs/methods.md §4): KMeans on the rows of the
 head/layer/step-averaged self-attention map (each token's row says where it
 looks; tokens of one object look alike), then each cluster is labelled with
 the prompt word whose normalised cross-attention map is highest on average

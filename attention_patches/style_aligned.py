@@ -1,6 +1,6 @@
 """StyleAligned (Hertz et al. 2024): images of a batch share the style of a reference image.
 
-The equations (methods.md §1, as google/style-aligned's `sa_handler.py` computes them),
+The equations (docs/methods.md §1, as google/style-aligned's `sa_handler.py` computes them),
 per self-attention layer, for every target image i and the reference r of its chunk:
 
     μ(X) = mean_N X,  σ(X) = √(var_N(X, unbiased) + 1e-5)       per head and channel

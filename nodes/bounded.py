@@ -1,4 +1,4 @@
-"""BoundedAttentionLayout: several subjects, each in its box (Bounded Attention, methods.md §3).
+"""BoundedAttentionLayout: several subjects, each in its box (Bounded Attention, docs/methods.md §3).
 
 The math is attention_patches/bounded.py. This adapter resolves the subjects to
 token positions through the tokenizer that encoded the prompt, parses the boxes,

@@ -1,4 +1,4 @@
-"""CrossImageAttention: zero-shot appearance transfer from two inverted images (methods.md §2).
+"""CrossImageAttention: zero-shot appearance transfer from two inverted images (docs/methods.md §2).
 
 The math is attention_patches/cross_image.py. This adapter runs the transfer as
 one ComfyUI sampling run (`CFGGuider.sample` with a KSAMPLER), so conditioning

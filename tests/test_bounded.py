@@ -164,7 +164,7 @@ def test_self_attention_runs_in_query_groups_without_an_n_by_n_mask():
 
 
 def direct_bounded_loss(layers, layout):
-    """methods.md §3 with loops: per layer, per image and subject, sums over pixels and keys."""
+    """docs/methods.md §3 with loops: per layer, per image and subject, sums over pixels and keys."""
     s_count = layout.subjects
     terms = {}
     for is_self in (False, True):

@@ -1,4 +1,4 @@
-"""Cross-Image Attention math against direct float64 implementations of methods.md §2 (no host)."""
+"""Cross-Image Attention math against direct float64 implementations of docs/methods.md §2 (no host)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""StyleAligned math against a direct float64 implementation of methods.md §1 (no host)."""
+"""StyleAligned math against a direct float64 implementation of docs/methods.md §1 (no host)."""
 
 import itertools
 import math
