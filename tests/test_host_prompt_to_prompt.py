@@ -169,8 +169,11 @@ def test_sdxl_unet(p2p, demo, tiny, cfg):
     out = guider.sample(comfy.sample.prepare_noise(latent, 1), latent, comfy.samplers.sampler_object("euler"), sigmas,
                         disable_pbar=True, seed=1)
     assert out.shape[0] == 3 and torch.isfinite(out).all()
-    assert (out[1] - out[0]).abs().max() <= 1e-5
-    assert (out[2] - out[0]).abs().mean() > 1e-4
+    # The random-weight UNet's latents reach ~10³, where float32 batch rows that run through kernels in another
+    # order differ by ~1e-3: the identity holds relative to the latents' scale.
+    scale = out[0].abs().max()
+    assert (out[1] - out[0]).abs().max() <= 1e-5 * scale
+    assert (out[2] - out[0]).abs().mean() > 1e-4 * scale
     assert technique.blend_grid is not None
 
 
