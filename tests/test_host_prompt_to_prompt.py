@@ -204,7 +204,8 @@ def test_real_image_source_branch_replays_the_ddpm_inversion(p2p, demo, scene):
     # the source reconstructs the image: up to the float noise of running the UNet on a batch of 3 rather than 1
     # (about 5e-4 after 8 steps on CPU), which the chaotic trajectory carries to the end
     torch.testing.assert_close(out[:1], replay, atol=1e-3, rtol=0)
-    assert (out[1] - out[0]).abs().max() <= 1e-4  # an unchanged prompt too
+    # an unchanged prompt too, up to float32 rounding of two batch rows (kernels may split the batch by thread)
+    assert (out[1] - out[0]).abs().max() <= 1e-4 * out[0].abs().max()
     assert (out[2] - out[0]).abs().mean() > 1e-2  # the edit changes it
 
 
@@ -230,7 +231,7 @@ def test_composes_with_another_packs_attn2_patch(p2p, demo):
         patched.set_model_attn2_replace(foreign, block, index, 0)
     out, _ = run(p2p, patched, clip, edits=(SOURCE, EDIT))
     assert calls and set(calls) == {6}  # [source, unchanged, edit] × (cond, uncond)
-    assert (out[1] - out[0]).abs().max() <= 1e-5
+    assert (out[1] - out[0]).abs().max() <= 1e-5 * out[0].abs().max()  # float32 rounding of two batch rows
     reference, _ = run(p2p, model, clip, edits=(SOURCE, EDIT))
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)  # the foreign patch computes the same attention
 
