@@ -43,6 +43,16 @@ def find_comfyui() -> tuple[Path | None, str]:
     return None, "no ComfyUI host found: " + "; ".join(tried) + " (set COMFYUI_PATH)"
 
 
+def announce_comfyui() -> Path | None:
+    """The ComfyUI root for a command-line tool, printing which one was found, or why none was (to stderr)."""
+    root, how = find_comfyui()
+    if root is None:
+        print(how, file=sys.stderr)
+    else:
+        print(f"ComfyUI host: {how}")
+    return root
+
+
 def _real_torchvision() -> bool:
     try:
         import torchvision

@@ -80,11 +80,9 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=512, help="largest preview width in pixels (default: 512)")
     args = parser.parse_args(argv)
 
-    root, how = headless.find_comfyui()
+    root = headless.announce_comfyui()
     if root is None:
-        print(how, file=sys.stderr)
         return 2
-    print(f"ComfyUI host: {how}")
     # the workflows' own saved images go to a scratch folder: only the previews are kept
     with tempfile.TemporaryDirectory(prefix="attention_lab_previews_") as scratch:
         host = headless.Host(root, output_dir=Path(scratch))

@@ -27,11 +27,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the images (default: ./out)")
     args = parser.parse_args(argv)
 
-    root, how = headless.find_comfyui()
+    root = headless.announce_comfyui()
     if root is None:
-        print(how, file=sys.stderr)
         return 2
-    print(f"ComfyUI host: {how}")
     args.out.mkdir(parents=True, exist_ok=True)
     host = headless.Host(root, output_dir=args.out.resolve())
     for path in args.workflows:
