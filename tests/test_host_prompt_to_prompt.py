@@ -187,11 +187,13 @@ def scene(pack, demo):
     inv = importlib.import_module(pack.__name__ + ".nodes.inversion")
     rendered = world.render(world.random_scene(7, objects=[("red", "circle")], style="stripes",
                                               background_color="yellow"), 128)
-    latent = vae.encode(torch.from_numpy(rendered.image).float()[None] / 255)
-    positive = clip.encode_from_tokens_scheduled(clip.tokenize(SOURCE))
-    _, inversion = inv.invert(model, latent, positive, negative(clip), cfg=5.0, steps=STEPS, scheduler="normal",
-                              method="ddpm", seed=3)
-    replay = inv.replay(model, inversion, positive, negative(clip), cfg=5.0, add_final_residual=True)
+    # as ComfyUI's executor runs nodes: the cached demo models may hold inference tensors (loaded by a node earlier)
+    with torch.inference_mode():
+        latent = vae.encode(torch.from_numpy(rendered.image).float()[None] / 255)
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(SOURCE))
+        _, inversion = inv.invert(model, latent, positive, negative(clip), cfg=5.0, steps=STEPS, scheduler="normal",
+                                  method="ddpm", seed=3)
+        replay = inv.replay(model, inversion, positive, negative(clip), cfg=5.0, add_final_residual=True)
     return inversion, replay
 
 
