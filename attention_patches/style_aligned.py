@@ -29,6 +29,7 @@ import torch
 from .backend import mask_4d
 from .call import AttentionCall, ChunkLayout, Layer, StepClock
 from .router import AttentionTechnique
+from .schedule import step_index
 
 ADAIN_EPS = 1e-5
 BLOCKS = ("input", "middle", "output")
@@ -570,7 +571,7 @@ class ReferenceTrajectory:
 
     def latent_at(self, sigma: float) -> torch.Tensor:
         """The reference latent `[1, C, H, W]` for a model call at `sigma` (nearest inverted step)."""
-        step = int(torch.argmin((self.sigmas - float(sigma)).abs()))
+        step = step_index(self.sigmas, sigma)
         index = min(trajectory_step(step, self.offset), self.latents.shape[0] - 1)
         return self.latents[index : index + 1]
 

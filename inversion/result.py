@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..attention_patches.schedule import step_index
+
 InversionKind = Literal["ddim", "ddpm"]
 
 
@@ -92,9 +94,8 @@ class Inversion:
         return self.sigmas if self.kind == "ddpm" else self.sigmas.flip(0)
 
     def index_at(self, sigma: float) -> int:
-        """Index of the stored sigma nearest to ``sigma`` (absolute difference)."""
-        # float64: in float32 a huge query (e.g. "the noisiest") would tie with every sigma.
-        return int(torch.argmin((self.sigmas.double() - float(sigma)).abs()))
+        """Index of the stored sigma nearest to ``sigma`` (the rule of :func:`step_index`)."""
+        return step_index(self.sigmas, sigma)
 
     def latent_at(self, sigma: float) -> Tensor:
         """The stored latent whose sigma is nearest to ``sigma``."""

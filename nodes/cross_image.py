@@ -34,6 +34,7 @@ from comfy_api.latest import io
 
 from ..attention_patches import cross_image as ci
 from ..attention_patches.recorder import CROSS, SELF, AttentionRecorder, RecordSelection
+from ..attention_patches.schedule import step_index
 from ..attention_patches.segmentation import select_words
 from ..inversion import Inversion, ddim_sample, ddpm_replay
 from ..inversion._common import vp_scale
@@ -70,7 +71,7 @@ class CrossImageRun:
 
     def step_at(self, sigma: float) -> int:
         """The denoising step (0 = the first after the skipped ones) of a model call at `sigma`."""
-        return int(torch.argmin((self.sigmas.double() - sigma).abs())) - self.skip
+        return step_index(self.sigmas, sigma) - self.skip
 
     def latent(self, branch: str, step: int, device) -> torch.Tensor:
         """A branch's latent at a denoising step, from its inversion: the branch's exact trajectory.
