@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
-
 from .schedule import step_index
 
 Layer = tuple  # (block_name, block_id, block_index), ComfyUI's replace-patch key
