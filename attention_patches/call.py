@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
+from .schedule import step_index
 
 Layer = tuple  # (block_name, block_id, block_index), ComfyUI's replace-patch key
 
@@ -144,8 +144,7 @@ class StepClock:
         if schedule is None:
             value = (None, None, sigma)
         else:
-            step = int(torch.argmin((schedule.to(sigmas.device, torch.float32) - sigma).abs()))
-            value = (step, len(schedule) - 1, sigma)
+            value = (step_index(schedule, sigma), len(schedule) - 1, sigma)
         # Hold the tensors themselves so their ids cannot be reused by new ones.
         self._key, self._value = (sigmas, schedule), value
         return value

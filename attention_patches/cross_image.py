@@ -10,12 +10,13 @@ to the appearance latent by masked AdaIN inside the objects' masks
 
 The math is in named functions (`contrast`, `contrasted_attention`,
 `swap_guidance_scales`, `masked_adain`, `object_clusters`), the step plan in
-`CrossImageSchedule`, and the attention side in one technique,
-`CrossImageAttention`, driven by `CrossImagePass` records that the sampler puts
+`CrossImageSchedule`, and the attention side in one stateless technique,
+`CrossImageAttention`, driven by `CrossImagePass` records that the caller puts
 in `transformer_options[PASS_KEY]` for each UNet call: a *source* call (the
-appearance or structure latent, read from its inversion) stores the keys and
-values of the swap layers; an *output* call swaps them into the conditioning
-entries the pass names. Plain torch; ComfyUI is the caller's business.
+appearance or structure latent, read from its inversion) writes the keys and
+values of the swap layers into its pass; an *output* call of the same step
+swaps them into the conditioning entries its pass names. Plain torch; ComfyUI
+is the caller's business.
 
 Where the authors' code and their paper differ, the default is the code, which
 made the paper's figures: the swap layers act one step late (their step counter
@@ -27,7 +28,7 @@ is the object when the object's noun is the best of all scored nouns on it
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -251,18 +252,27 @@ class CrossImageSchedule:
 # -- the technique ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class CrossImagePass:
     """What one UNet call is, read by `CrossImageAttention` from `transformer_options[PASS_KEY]`.
 
-    `role` SOURCE: the batch is the source image(s); store the swap layers' keys
-    and values. `role` OUTPUT: rows of the conditioning entries `swap_conds`
-    (indices into the conds list the sampler passed, i.e. `cond_or_uncond`
-    values) attend to the stored keys and values; other rows attend as usual.
+    `role` SOURCE: the batch is the source image(s); the swap layers write their
+    keys and values into `keys_values`. `role` OUTPUT: rows of the conditioning
+    entries `swap_conds` (indices into the conds list the sampler passed, i.e.
+    `cond_or_uncond` values) attend to the keys and values in `keys_values`;
+    other rows attend as usual. The caller hands the source pass's `keys_values`
+    to the output pass of the same step (`output_of`), so they live as long as
+    that step and the technique itself holds no state.
     """
 
     role: str
     swap_conds: tuple[int, ...] = ()
+    keys_values: dict = field(default_factory=dict, repr=False)  # layer -> (k, v) of the source call
+
+    @classmethod
+    def output_of(cls, source: "CrossImagePass", swap_conds: tuple[int, ...]) -> "CrossImagePass":
+        """The output pass that reads what `source` stored."""
+        return cls(OUTPUT, swap_conds, source.keys_values)
 
 
 class CrossImageAttention(AttentionTechnique):
@@ -278,11 +288,6 @@ class CrossImageAttention(AttentionTechnique):
         self.swap_layers = frozenset(map(tuple, swap_layers))
         self.contrast_strength = float(contrast_strength)
         self.chunk_elements = chunk_elements
-        self.stored: dict[Layer, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def clear(self) -> None:
-        """Drop the stored keys and values (they are only valid for the step that stored them)."""
-        self.stored = {}
 
     def wants(self, call: AttentionCall) -> bool:
         return call.is_self and tuple(call.layer) in self.swap_layers and PASS_KEY in call.options
@@ -290,7 +295,7 @@ class CrossImageAttention(AttentionTechnique):
     def __call__(self, q, k, v, call: AttentionCall, attend, mask=None):
         step_pass: CrossImagePass = call.options[PASS_KEY]
         if step_pass.role == SOURCE:
-            self.stored[tuple(call.layer)] = (k, v)
+            step_pass.keys_values[tuple(call.layer)] = (k, v)
             return attend(q, k, v, mask)
         positions = [p for p, c in enumerate(call.layout.cond_or_uncond) if c in step_pass.swap_conds]
         if not positions:
@@ -300,9 +305,9 @@ class CrossImageAttention(AttentionTechnique):
                 "CrossImageAttention: another technique masks this self-attention layer (e.g. BoundedAttentionLayout); "
                 "swapped keys belong to another image, so the mask cannot apply: do not combine the two on one model"
             )
-        if tuple(call.layer) not in self.stored:
+        if tuple(call.layer) not in step_pass.keys_values:
             raise RuntimeError(f"CrossImageAttention: no source keys/values stored for {call.layer} before the output call")
-        k_src, v_src = self.stored[tuple(call.layer)]
+        k_src, v_src = step_pass.keys_values[tuple(call.layer)]
         images = call.layout.images
         if k_src.shape[0] not in (1, images):
             raise ValueError(

@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..attention_patches.schedule import step_index
+
 InversionKind = Literal["ddim", "ddpm"]
 
 
@@ -91,10 +93,30 @@ class Inversion:
         """The schedule in sampling order (descending), e.g. for :func:`ddim_sample` from :attr:`x_T`."""
         return self.sigmas if self.kind == "ddpm" else self.sigmas.flip(0)
 
+    def from_step(self, start: int) -> "Inversion":
+        """The trajectory from sampling step ``start`` on: an inversion of its last ``num_steps − start`` steps.
+
+        ``latents[0]`` of a ``"ddpm"`` result is the latent at ``sampling_sigmas[start]``, and its
+        noise maps are those of the steps left, so replaying it from its step 0 walks exactly what a
+        replay of this inversion from ``start`` walks, with step indices counted from ``start``.
+        Tensors are views of this one's; ``steps`` (the count the inversion was asked for) is dropped.
+        """
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < self.num_steps:
+            raise ValueError(f"start: must be an int in [0, {self.num_steps - 1}] for a {self.num_steps}-step "
+                             f"inversion, got {start!r}")
+        # sampling order is the stored order for ddpm (descending), the reverse for ddim (ascending)
+        keep = slice(start, None) if self.kind == "ddpm" else slice(0, self.num_steps + 1 - start)
+        return replace(
+            self,
+            latents=self.latents[keep],
+            sigmas=self.sigmas[keep],
+            noise_maps=None if self.noise_maps is None else self.noise_maps[start:],
+            steps=None,
+        )
+
     def index_at(self, sigma: float) -> int:
-        """Index of the stored sigma nearest to ``sigma`` (absolute difference)."""
-        # float64: in float32 a huge query (e.g. "the noisiest") would tie with every sigma.
-        return int(torch.argmin((self.sigmas.double() - float(sigma)).abs()))
+        """Index of the stored sigma nearest to ``sigma`` (the rule of :func:`step_index`)."""
+        return step_index(self.sigmas, sigma)
 
     def latent_at(self, sigma: float) -> Tensor:
         """The stored latent whose sigma is nearest to ``sigma``."""

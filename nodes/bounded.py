@@ -22,7 +22,7 @@ import comfy.patcher_extension
 from comfy_api.latest import io
 
 from ..attention_patches import bounded as ba
-from ..attention_patches.call import StepClock
+from ..attention_patches.schedule import step_index
 from .patching import attach_router
 
 NODE = "BoundedAttentionLayout"
@@ -215,19 +215,17 @@ class BoundedGuidanceWrapper:
     def __init__(self, technique: ba.BoundedAttention, ordinals: dict):
         self.technique = technique
         self.ordinals = ordinals
-        self.clock = StepClock()
         self.losses: list[tuple[int, list[float]]] = []  # (step, normalised losses) of the current run
 
     def __deepcopy__(self, memo):
         return self
 
     def __call__(self, executor, model, conds, x, timestep, model_options):
-        options = {"sigmas": timestep, "sample_sigmas": model_options.get("transformer_options", {}).get("sample_sigmas")}
-        step, _, sigma = self.clock.read(options)
-        schedule = options["sample_sigmas"]
-        if (not self.technique.guides(step) or conds[0] is None or step + 1 >= len(schedule)
-                or abs(float(schedule[step]) - sigma) > 1e-4 * max(sigma, 1e-8)):
-            # not guided, no positive prompt (cfg 1 keeps it), or an intermediate evaluation (Heun, DPM2, ...)
+        schedule = model_options.get("transformer_options", {}).get("sample_sigmas")
+        step = None if schedule is None else step_index(schedule, timestep, on_schedule=True)
+        if not self.technique.guides(step) or conds[0] is None or step + 1 >= len(schedule):
+            # not guided, no positive prompt (cfg 1 keeps it), or off the schedule: an intermediate
+            # evaluation (Heun, DPM2, ...)
             return executor(model, conds, x, timestep, model_options)
         if step == 0:
             self.losses = []

@@ -3,16 +3,19 @@
 The math is attention_patches/cross_image.py. This adapter runs the transfer as
 one ComfyUI sampling run (`CFGGuider.sample` with a KSAMPLER), so conditioning
 processing, ControlNet on the output branch, model patches, model loading and
-the progress bar are ComfyUI's own:
+the progress bar are ComfyUI's own. It is shaped like ComfyUI's PerpNeg guider:
 
-- the sampler replays the structure image's inversion from its skipped steps
-  (edit-friendly DDPM: its noise maps), applying masked AdaIN between steps;
-- the guider (`CrossImageGuider`, a `CFGGuider` whose `predict_noise` is the
-  documented extension point) runs, at a swap step, a *source* UNet call on the
-  appearance (or structure) latent of that step, read from its inversion, which
-  stores the swap layers' keys and values, then the *output* call(s) that use
-  them, and blends the swap and no-swap predictions (swap guidance).
+- one guider (`CrossImageGuider`, a `CFGGuider` whose `predict_noise` is the
+  documented extension point) holds the transfer's state and, at a swap step,
+  runs a *source* UNet call on the appearance (or structure) latent of that
+  step, read from its inversion, whose swap layers store their keys and values
+  in the step's pass record, then the *output* call(s) that use them, and
+  blends the swap and no-swap predictions (swap guidance);
+- its sampler (`sample_cross_image`) replays the structure image's inversion
+  from the first denoising step (edit-friendly DDPM: its noise maps), calling
+  the guider's masked AdaIN between steps.
 
+Both count steps the same way: the position of σ in the denoising schedule.
 The appearance and structure branches are never denoised: their trajectories
 are their inversions, so they reconstruct their images exactly and cost one
 UNet call per swap step (the appearance's) plus one at a few steps (the
@@ -24,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import comfy.model_management
 import comfy.samplers
@@ -34,8 +37,9 @@ from comfy_api.latest import io
 
 from ..attention_patches import cross_image as ci
 from ..attention_patches.recorder import CROSS, SELF, AttentionRecorder, RecordSelection
+from ..attention_patches.schedule import step_index
 from ..attention_patches.segmentation import select_words
-from ..inversion import Inversion, ddim_sample, ddpm_replay
+from ..inversion import Inversion, ddpm_replay
 from ..inversion._common import vp_scale
 from .inversion import INVERSION, SamplerModel, check_invertible, guided_sample
 from .patching import attach_router, decoder_levels
@@ -47,30 +51,96 @@ VAE_SCALE = 8
 log = logging.getLogger("attention_lab")
 
 
-# --- the run: state shared by the guider and the sampler function --------------------------
+# --- the transfer's settings, by name ---------------------------------------------------------
 
 
-@dataclass
-class CrossImageRun:
-    structure: Inversion
-    appearance: Inversion
-    skip: int
-    schedule: ci.CrossImageSchedule
-    technique: ci.CrossImageAttention
-    recorder: AttentionRecorder
-    object_tokens: dict  # branch -> token positions of each scored noun, the branch's object first
-    segments: int
+@dataclass(frozen=True)
+class CrossImageSettings:
+    """The node's inputs that shape the transfer; defaults are the authors'. The object words are
+    checked against the prompt on construction (the rest once the inversions' step count is known)."""
+
+    structure_object: str
+    appearance_object: str
+    prompt: str = "A photo of a {}"
+    skip: float = ci.SKIP
+    contrast: float = ci.CONTRAST
+    swap_guidance: float = ci.SWAP_GUIDANCE
+    swap_start: float = ci.SWAP_START
+    swap_end: float = 1.0
+    structure_every: int = ci.STRUCTURE_EVERY
+    structure_end: float = ci.STRUCTURE_END
+    masked_adain: bool = True
     adain_background: bool = False
-    masks: dict | None = None  # branch -> [images, h, w] at latent size, once recorded
-    mask_note: list = field(default_factory=list)
+    adain_start: float = ci.ADAIN_START
+    segments: int = ci.SEGMENTS
+    cfg: float = 1.0
+    authors_step_counter: bool = True
 
-    @property
-    def sigmas(self) -> torch.Tensor:
-        return self.structure.sampling_sigmas
+    def __post_init__(self):
+        errors = prompt_word_errors(self.prompt, self.structure_object, self.appearance_object)
+        if errors:
+            raise ValueError(f"{NODE}: {errors[0]}")
 
-    def step_at(self, sigma: float) -> int:
-        """The denoising step (0 = the first after the skipped ones) of a model call at `sigma`."""
-        return int(torch.argmin((self.sigmas.double() - sigma).abs())) - self.skip
+    def skipped_steps(self, steps: int) -> int:
+        """How many of an inversion's `steps` the transfer skips; at least one is left to denoise."""
+        skipped = int(math.floor(self.skip * steps + 0.5))
+        if not 0 <= skipped < steps:
+            raise ValueError(f"{NODE}: skip: {self.skip} of {steps} steps leaves no step to denoise; lower it")
+        return skipped
+
+    def plan(self, denoising_steps: int) -> ci.CrossImageSchedule:
+        return ci.CrossImageSchedule(
+            steps=denoising_steps, swap_start=self.swap_start, swap_end=self.swap_end,
+            structure_every=self.structure_every, structure_end=self.structure_end, guidance=self.swap_guidance,
+            adain=self.masked_adain, adain_start=self.adain_start,
+            attention_lag=1 if self.authors_step_counter else 0,
+        )
+
+
+# --- the guider: the transfer's state and every UNet call of a step --------------------------
+
+
+def with_options(model_options: dict, **entries) -> dict:
+    """A copy of `model_options` whose transformer_options carry `entries` (the calls' pass records)."""
+    options = dict(model_options)
+    options["transformer_options"] = {**model_options.get("transformer_options", {}), **entries}
+    return options
+
+
+class CrossImageGuider(comfy.samplers.CFGGuider):
+    """The transfer as one ComfyUI guider, shaped like ComfyUI's PerpNeg guider: `predict_noise` makes
+    every UNet call of a step.
+
+    It holds the transfer's whole state: the structure and appearance trajectories from the first
+    denoising step on (`Inversion.from_step`), the step plan, the attention technique and recorder,
+    and the object masks once made. Steps have one index, 0 … plan.steps − 1 after the skipped ones:
+    the position of a call's σ in `sigmas`, the schedule the sampler walks (`step_index`), which is
+    also the replay's step and the index into both trajectories. At a swap step `predict_noise` runs
+    a *source* call on the appearance (or structure) latent of that step, whose swap layers store
+    their keys and values in the step's `CrossImagePass`, then the *output* call(s) that read them,
+    and blends the swap and no-swap predictions (swap guidance). At the AdaIN step it first records
+    both branches' attention for the object masks.
+    """
+
+    def __init__(self, model_patcher, structure: Inversion, appearance: Inversion, skipped_steps: int,
+                 plan: ci.CrossImageSchedule, recorder: AttentionRecorder, object_tokens: dict, segments: int,
+                 adain_background: bool = False):
+        super().__init__(model_patcher)
+        self.skipped_steps = skipped_steps
+        self.trajectories = {ci.STRUCTURE: structure.from_step(skipped_steps),
+                             ci.APPEARANCE: appearance.from_step(skipped_steps)}
+        self.sigmas = self.trajectories[ci.STRUCTURE].sampling_sigmas
+        self.plan = plan
+        self.recorder = recorder
+        self.object_tokens = object_tokens  # branch -> token positions of each scored noun, the branch's object first
+        self.segments = segments
+        self.adain_background = adain_background
+        self.masks: dict | None = None  # branch -> [images, h, w] at latent size, once recorded
+        self.mask_notes: list[str] = []
+
+    def step_at(self, sigma) -> int:
+        """The denoising step of a model call at `sigma` (a float, or ComfyUI's `timestep`)."""
+        return step_index(self.sigmas, sigma)
 
     def latent(self, branch: str, step: int, device) -> torch.Tensor:
         """A branch's latent at a denoising step, from its inversion: the branch's exact trajectory.
@@ -78,20 +148,68 @@ class CrossImageRun:
         After the last step (σ = 0) that is where a replay without the final residual ends,
         x̂0 = x0 − final_residual (as the authors' branches end), not the image's own latent.
         """
-        inversion = self.structure if branch == ci.STRUCTURE else self.appearance
-        sigma = float(self.sigmas[self.skip + step])
-        latent = inversion.latent_at(sigma)
-        if sigma == 0.0 and inversion.final_residual is not None:
-            latent = latent - inversion.final_residual
+        trajectory = self.trajectories[branch]
+        latent = trajectory.latents[step]  # a ddpm trajectory is stored in sampling order
+        if step == trajectory.num_steps and trajectory.final_residual is not None:
+            latent = latent - trajectory.final_residual
         return latent.to(device)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        step = self.step_at(timestep)
+        plan = self.plan
+        if step == plan.adain_step and self.masks is None:
+            self.masks = {branch: self.object_masks(branch, step, timestep, model_options)
+                          for branch in (ci.STRUCTURE, ci.APPEARANCE)}
+        if not plan.swaps(step):
+            return super().predict_noise(x, timestep, model_options, seed)
+        source = ci.CrossImagePass(ci.SOURCE)
+        self.source_call(plan.source(step), step, timestep, with_options(model_options, **{ci.PASS_KEY: source}))
+        output = with_options(model_options, **{ci.PASS_KEY: ci.CrossImagePass.output_of(source, swap_conds=(0,))})
+        positive = self.conds.get("positive")
+        if not math.isclose(self.cfg, 1.0):
+            # the authors' text CFG: swapped conditional, unswapped unconditional prediction
+            return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative"),
+                                                    positive, self.cfg, model_options=output, seed=seed)
+        scale = plan.guidance_scale(step)
+        if scale is None:
+            return comfy.samplers.calc_cond_batch(self.inner_model, [positive], x, timestep, output)[0]
+        swap, no_swap = comfy.samplers.calc_cond_batch(self.inner_model, [positive, positive], x, timestep, output)
+        return ci.swap_guided(no_swap, swap, scale)
+
+    def source_call(self, branch: str, step: int, timestep, model_options) -> None:
+        x = self.latent(branch, step, timestep.device)
+        comfy.samplers.calc_cond_batch(self.inner_model, [self.conds[branch]], x, timestep[:1].expand(x.shape[0]),
+                                       model_options)
+
+    def object_masks(self, branch: str, step: int, timestep, model_options) -> torch.Tensor:
+        """The branch's object masks `[images, h, w]` at latent size, from its attention at `step`."""
+        x = self.latent(branch, step, timestep.device)
+        recorder = self.recorder
+        recorder.begin_run()
+        comfy.samplers.calc_cond_batch(self.inner_model, [self.conds[branch]], x, timestep[:1].expand(x.shape[0]),
+                                       with_options(model_options, **{RECORD_KEY: True}))
+        self_grid = recorder.grids(SELF)[0]
+        cross_grid = min(recorder.grids(CROSS), key=lambda g: g[0] * g[1])
+        self_maps, cross_maps = recorder.mean(SELF, self_grid), recorder.mean(CROSS, cross_grid)
+        nouns = self.object_tokens[branch]
+        masks = []
+        for i in range(self_maps.shape[0]):
+            noun_maps = [cross_maps[i][:, list(positions)].sum(-1).reshape(cross_grid) for positions in nouns]
+            mask = ci.object_mask(self_maps[i], self_grid, noun_maps, self.segments, object_nouns=(0,))
+            if not mask.any():
+                self.mask_notes.append(f"{branch} image {i}: no segment scored as the object; AdaIN uses the whole latent")
+                mask = torch.ones_like(mask)
+            masks.append(F.interpolate(mask[None, None], size=tuple(x.shape[-2:]), mode="nearest")[0, 0])
+        recorder.begin_run()  # the maps are not needed any more
+        return torch.stack(masks)
 
     def after_step(self, step: int, x: torch.Tensor) -> torch.Tensor:
         """Masked AdaIN of the output latent after `step` (in the VP space the authors use)."""
-        adain_step = self.schedule.adain_step
+        adain_step = self.plan.adain_step
         if adain_step is None or step < adain_step or self.masks is None:
             return x
         # the latents after `step` are at the next sigma (0 after the last step: the clean latents)
-        scale = vp_scale(float(self.sigmas[self.skip + step + 1]))
+        scale = vp_scale(float(self.sigmas[step + 1]))
         style = self.latent(ci.APPEARANCE, step + 1, x.device) / scale
         content = x / scale
         out = []
@@ -105,83 +223,32 @@ class CrossImageRun:
             out.append(moved)
         return torch.stack(out) * scale
 
-
-def with_options(model_options: dict, **entries) -> dict:
-    """A copy of `model_options` whose transformer_options carry `entries` (the calls' pass records)."""
-    options = dict(model_options)
-    options["transformer_options"] = {**model_options.get("transformer_options", {}), **entries}
-    return options
-
-
-class CrossImageGuider(comfy.samplers.CFGGuider):
-    """CFGGuider whose prediction at a swap step runs the source call, then the swapped output."""
-
-    def __init__(self, model_patcher, run: CrossImageRun):
-        super().__init__(model_patcher)
-        self.run = run
-
-    def predict_noise(self, x, timestep, model_options={}, seed=None):
-        run = self.run
-        step = run.step_at(float(timestep.reshape(-1)[0]))
-        if step == run.schedule.adain_step and run.masks is None:
-            run.masks = {branch: self.object_masks(branch, step, timestep, model_options)
-                         for branch in (ci.STRUCTURE, ci.APPEARANCE)}
-        if not run.schedule.swaps(step):
-            return super().predict_noise(x, timestep, model_options, seed)
-        try:
-            self.source_call(run.schedule.source(step), step, timestep, model_options)
-            output = with_options(model_options, **{ci.PASS_KEY: ci.CrossImagePass(ci.OUTPUT, swap_conds=(0,))})
-            positive = self.conds.get("positive")
-            if not math.isclose(self.cfg, 1.0):
-                # the authors' text CFG: swapped conditional, unswapped unconditional prediction
-                return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative"),
-                                                        positive, self.cfg, model_options=output, seed=seed)
-            scale = run.schedule.guidance_scale(step)
-            if scale is None:
-                return comfy.samplers.calc_cond_batch(self.inner_model, [positive], x, timestep, output)[0]
-            swap, no_swap = comfy.samplers.calc_cond_batch(self.inner_model, [positive, positive], x, timestep, output)
-            return ci.swap_guided(no_swap, swap, scale)
-        finally:
-            run.technique.clear()
-
-    def source_call(self, branch: str, step: int, timestep, model_options) -> None:
-        x = self.run.latent(branch, step, timestep.device)
-        options = with_options(model_options, **{ci.PASS_KEY: ci.CrossImagePass(ci.SOURCE)})
-        comfy.samplers.calc_cond_batch(self.inner_model, [self.conds[branch]], x, timestep[:1].expand(x.shape[0]), options)
-
-    def object_masks(self, branch: str, step: int, timestep, model_options) -> torch.Tensor:
-        """The branch's object masks `[images, h, w]` at latent size, from its attention at `step`."""
-        run = self.run
-        x = run.latent(branch, step, timestep.device)
-        run.recorder.begin_run()
-        comfy.samplers.calc_cond_batch(self.inner_model, [self.conds[branch]], x, timestep[:1].expand(x.shape[0]),
-                                       with_options(model_options, **{RECORD_KEY: True}))
-        self_grid = run.recorder.grids(SELF)[0]
-        cross_grid = min(run.recorder.grids(CROSS), key=lambda g: g[0] * g[1])
-        self_maps, cross_maps = run.recorder.mean(SELF, self_grid), run.recorder.mean(CROSS, cross_grid)
-        nouns = run.object_tokens[branch]
-        masks = []
-        for i in range(self_maps.shape[0]):
-            noun_maps = [cross_maps[i][:, list(positions)].sum(-1).reshape(cross_grid) for positions in nouns]
-            mask = ci.object_mask(self_maps[i], self_grid, noun_maps, run.segments, object_nouns=(0,))
-            if not mask.any():
-                run.mask_note.append(f"{branch} image {i}: no segment scored as the object; AdaIN uses the whole latent")
-                mask = torch.ones_like(mask)
-            masks.append(F.interpolate(mask[None, None], size=tuple(x.shape[-2:]), mode="nearest")[0, 0])
-        run.recorder.begin_run()  # the maps are not needed any more
-        return torch.stack(masks)
+    def transfer(self) -> torch.Tensor:
+        """Run the transfer (conds and cfg set): the output LATENT tensor, in the user space."""
+        sampler = comfy.samplers.KSAMPLER(sample_cross_image, {"guider": self})
+        start = self.model_patcher.model.process_latent_out(self.latent(ci.STRUCTURE, 0, "cpu"))
+        samples = guided_sample(self, sampler, self.sigmas, start, seed=0)
+        for note in self.mask_notes:
+            log.warning("[Attention Lab] %s: %s", NODE, note)
+        return samples
 
 
-def sample_cross_image(model, x, sigmas, extra_args=None, callback=None, disable=None, run: CrossImageRun = None):
-    """The output branch: the structure's trajectory replayed from its skipped steps, AdaIN between steps."""
+def sample_cross_image(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                       guider: CrossImageGuider = None):
+    """The KSAMPLER function of the output branch: the structure's DDPM replay, masked AdaIN between steps.
+
+    A sampler of its own because no stock one does either: the output branch steps with the
+    structure inversion's stored noise maps (edit-friendly DDPM), not fresh noise, so that without
+    the swap it is the structure image exactly; and masked AdaIN changes the latent between two
+    steps, which a guider, seeing model calls only, cannot. It holds no state: its steps are the
+    indices of `sigmas`, the guider's own (`ddpm_replay` of the trajectory from the first
+    denoising step), and the guider's `predict_noise` is its model.
+    """
     calls = SamplerModel(model, extra_args, callback, len(sigmas) - 1, disable)
     check_invertible(*calls.sampling(), NODE)
-    structure = run.structure
-    x_start = run.latent(ci.STRUCTURE, 0, x.device)
-    if structure.kind == "ddpm":
-        return ddpm_replay(calls, structure, calls.progress, start=run.skip, x_start=x_start, add_final_residual=False,
-                           after_step=lambda k, latent: run.after_step(k - run.skip, latent))
-    return ddim_sample(calls, x_start, sigmas, calls.progress, after_step=run.after_step)
+    return ddpm_replay(calls, guider.trajectories[ci.STRUCTURE], calls.progress,
+                       x_start=guider.latent(ci.STRUCTURE, 0, x.device), add_final_residual=False,
+                       after_step=guider.after_step)
 
 
 # --- checks and text ------------------------------------------------------------------------
@@ -287,28 +354,16 @@ def pixel_masks(masks: torch.Tensor | None, latent_shape) -> torch.Tensor:
 # --- the transfer ---------------------------------------------------------------------------
 
 
-def transfer(model, clip, structure: Inversion, appearance: Inversion, structure_object: str, appearance_object: str,
-             prompt: str = "A photo of a {}", skip: float = ci.SKIP, contrast: float = ci.CONTRAST,
-             swap_guidance: float = ci.SWAP_GUIDANCE, swap_start: float = ci.SWAP_START, swap_end: float = 1.0,
-             structure_every: int = ci.STRUCTURE_EVERY, structure_end: float = ci.STRUCTURE_END,
-             masked_adain: bool = True, adain_start: float = ci.ADAIN_START, segments: int = ci.SEGMENTS,
-             cfg: float = 1.0, output_conditioning=None, authors_step_counter: bool = True,
-             adain_background: bool = False):
-    """The transferred LATENT tensor (user space) and the run (its masks)."""
-    errors = prompt_word_errors(prompt, structure_object, appearance_object)
-    if errors:
-        raise ValueError(f"{NODE}: {errors[0]}")
+def transfer(model, clip, structure: Inversion, appearance: Inversion, settings: CrossImageSettings,
+             output_conditioning=None) -> tuple[torch.Tensor, CrossImageGuider]:
+    """The transferred LATENT tensor (user space) and the guider that ran it (its masks, its plan)."""
     check_inversions(structure, appearance)
     n = structure.num_steps
-    skip_steps = int(math.floor(skip * n + 0.5))
-    if not 0 <= skip_steps < n:
-        raise ValueError(f"{NODE}: skip: {skip} of {n} steps leaves no step to denoise; lower it")
+    skipped = settings.skipped_steps(n)
     try:
-        schedule = ci.CrossImageSchedule(n - skip_steps, swap_start, swap_end, structure_every, structure_end,
-                                         swap_guidance, masked_adain, adain_start,
-                                         attention_lag=1 if authors_step_counter else 0)
+        plan = settings.plan(n - skipped)
         levels = decoder_levels(model, NODE)
-        technique = ci.CrossImageAttention([layer for level in levels[:2] for layer in level], contrast)
+        technique = ci.CrossImageAttention([layer for level in levels[:2] for layer in level], settings.contrast)
     except ValueError as error:
         raise ValueError(error if str(error).startswith(NODE) else f"{NODE}: {error}") from error
     # The authors cluster the last self-attention layer at the highest decoder resolution and label the
@@ -318,11 +373,10 @@ def transfer(model, clip, structure: Inversion, appearance: Inversion, structure
     mask_layers = frozenset(levels[0] + levels[min(1, len(levels) - 1)])
     recorder = AttentionRecorder(RecordSelection(layers=mask_layers, max_tokens=None, only_with=RECORD_KEY))
 
-    prompts = {ci.STRUCTURE: branch_prompt(prompt, structure_object, "structure_object"),
-               ci.APPEARANCE: branch_prompt(prompt, appearance_object, "appearance_object")}
-    objects = {ci.STRUCTURE: structure_object, ci.APPEARANCE: appearance_object}
+    objects = {ci.STRUCTURE: settings.structure_object, ci.APPEARANCE: settings.appearance_object}
+    prompts = {branch: branch_prompt(settings.prompt, obj, f"{branch}_object") for branch, obj in objects.items()}
     tokens = {}
-    if masked_adain:
+    if settings.masked_adain:
         tokens = {b: scored_nouns(clip, prompts[b], objects[b], objects[other], f"{b}_object")
                   for b, other in ((ci.STRUCTURE, ci.APPEARANCE), (ci.APPEARANCE, ci.STRUCTURE))}
 
@@ -330,22 +384,15 @@ def transfer(model, clip, structure: Inversion, appearance: Inversion, structure
     router = attach_router(patched, NODE)
     router.add(technique)
     router.add(recorder)
-    run = CrossImageRun(structure, appearance, skip_steps, schedule, technique, recorder, tokens, segments,
-                        adain_background)
-    guider = CrossImageGuider(patched, run)
+    guider = CrossImageGuider(patched, structure, appearance, skipped, plan, recorder, tokens, settings.segments,
+                              settings.adain_background)
     conds = {"positive": output_conditioning if output_conditioning is not None else encode(clip, prompts[ci.STRUCTURE]),
              ci.STRUCTURE: encode(clip, prompts[ci.STRUCTURE]), ci.APPEARANCE: encode(clip, prompts[ci.APPEARANCE])}
-    if not math.isclose(cfg, 1.0):
+    if not math.isclose(settings.cfg, 1.0):
         conds["negative"] = encode(clip, "")
     guider.inner_set_conds(conds)
-    guider.set_cfg(cfg)
-    sigmas = structure.sampling_sigmas[skip_steps:]
-    sampler = comfy.samplers.KSAMPLER(sample_cross_image, {"run": run})
-    start = patched.model.process_latent_out(run.latent(ci.STRUCTURE, 0, "cpu"))
-    samples = guided_sample(guider, sampler, sigmas, start, seed=0)
-    for note in run.mask_note:
-        log.warning("[Attention Lab] %s: %s", NODE, note)
-    return samples, run
+    guider.set_cfg(settings.cfg)
+    return guider.transfer(), guider
 
 
 # --- the node -------------------------------------------------------------------------------
@@ -455,11 +502,15 @@ class CrossImageAttention(io.ComfyNode):
     def execute(cls, model, clip, structure, appearance, structure_object, appearance_object, prompt, skip, contrast,
                 swap_guidance, swap_start, swap_end, structure_every, structure_end, masked_adain, adain_background,
                 adain_start, segments, cfg, authors_step_counter=True, output_conditioning=None) -> io.NodeOutput:
-        samples, run = transfer(model, clip, structure, appearance, structure_object, appearance_object, prompt, skip,
-                                contrast, swap_guidance, swap_start, swap_end, structure_every, structure_end,
-                                masked_adain, adain_start, segments, cfg, output_conditioning, authors_step_counter,
-                                adain_background)
-        masks = run.masks or {}
+        settings = CrossImageSettings(
+            structure_object=structure_object, appearance_object=appearance_object, prompt=prompt, skip=skip,
+            contrast=contrast, swap_guidance=swap_guidance, swap_start=swap_start, swap_end=swap_end,
+            structure_every=structure_every, structure_end=structure_end, masked_adain=masked_adain,
+            adain_background=adain_background, adain_start=adain_start, segments=segments, cfg=cfg,
+            authors_step_counter=authors_step_counter,
+        )
+        samples, guider = transfer(model, clip, structure, appearance, settings, output_conditioning)
+        masks = guider.masks or {}
         return io.NodeOutput(
             {"samples": samples},
             pixel_masks(masks.get(ci.STRUCTURE), samples.shape),

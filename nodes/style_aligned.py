@@ -1,4 +1,4 @@
-"""SharedAttentionStyleAlign: StyleAligned shared attention as a MODEL patch (math in attention_patches/style_aligned.py).
+"""SharedAttentionStyleAlign: StyleAligned shared attention as a MODEL patch (math in attention_patches/shared_attention.py).
 
 What the patch puts on the node's own clone, all removed with it:
 - the StyleAligned technique on the attention router (attn1 of the selected layers);
@@ -38,19 +38,18 @@ import comfy.patcher_extension
 from comfy_api.latest import io
 
 from ..attention_patches.call import ChunkLayout, StepClock
+from ..attention_patches.shared_attention import StyleAlignedOptions, shared_attention_extra_bytes
 from ..attention_patches.style_aligned import (
-    ReferenceTrajectory,
-    shared_attention_extra_bytes,
     SharedGroupNormForward,
     SharedNormState,
     StyleAligned,
-    StyleAlignedOptions,
     StyleAlignedSettings,
     call_progress,
     parse_blocks,
     parse_image_list,
     zero_reference_control,
 )
+from ..attention_patches.style_reference import ReferenceTrajectory
 from .inversion import INVERSION
 from .patching import attach_router, model_family, router_of
 

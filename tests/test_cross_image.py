@@ -280,7 +280,8 @@ def test_technique_swaps_exactly_the_named_conds(cond_or_uncond, swap_conds, ima
 
     batch = images * len(cond_or_uncond)
     q, k, v = qkv(batch, 16, seed=2)
-    out = technique(q, k, v, make_call(batch, cond_or_uncond, CrossImagePass(OUTPUT, swap_conds)), attend)
+    out = technique(q, k, v, make_call(batch, cond_or_uncond, CrossImagePass.output_of(source.options[PASS_KEY],
+                                                                                      swap_conds)), attend)
     for position, value in enumerate(cond_or_uncond):
         for i in range(images):
             row = position * images + i
@@ -309,12 +310,15 @@ def test_technique_errors():
     output = make_call(1, [0], CrossImagePass(OUTPUT, (0,)))
     with pytest.raises(RuntimeError, match="no source keys"):
         technique(q, k, v, output, attend)
-    technique(*qkv(3, 16, seed=4), make_call(3, [0], CrossImagePass(SOURCE)), attend)
+    source = CrossImagePass(SOURCE)
+    technique(*qkv(3, 16, seed=4), make_call(3, [0], source), attend)
     with pytest.raises(ValueError, match="3 source images for 2 output images"):
-        technique(*qkv(2, 16, seed=5), make_call(2, [0], CrossImagePass(OUTPUT, (0,))), attend)
+        technique(*qkv(2, 16, seed=5), make_call(2, [0], CrossImagePass.output_of(source, (0,))), attend)
     with pytest.raises(ValueError, match="masks this self-attention"):
         technique(q, k, v, output, attend, mask=torch.zeros(16, 16))
-    technique.clear()
-    assert technique.stored == {}
+    # what one step's source call stored is that step's: a later step's output pass does not see it
+    assert set(source.keys_values) == {LAYER}
+    with pytest.raises(RuntimeError, match="no source keys"):
+        technique(q, k, v, make_call(1, [0], CrossImagePass(OUTPUT, (0,))), attend)
     with pytest.raises(ValueError, match="contrast"):
         CrossImageAttention([LAYER], 0.0)

@@ -207,3 +207,23 @@ def test_the_sampled_latent_is_checked_before_the_first_unet_call(node, tiny, cl
     assert not calls
     sample(model, positive, negative, steps=2)  # 128 px fits
     assert calls
+
+
+def test_guidance_runs_at_the_schedules_own_sigmas_not_at_a_samplers_intermediate_ones(node, tiny, clip):
+    """dpm_2 also evaluates the model between two sigmas of the schedule: those calls are not guided steps."""
+    import comfy.sample
+
+    with torch.inference_mode():
+        model = node._apply(tiny.sd15_unet(seed=3), clip, **inputs(loss_threshold=0.0))
+        positive, negative = conditioning(tiny, "sd15")
+        noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(11))
+        sigmas_seen = []
+        model.set_model_unet_function_wrapper(
+            lambda apply_model, args: sigmas_seen.append(float(args["timestep"][0])) or apply_model(
+                args["input"], args["timestep"], **args["c"]))
+        out = comfy.sample.sample(model, noise, 3, 5.0, "dpm_2", "normal", positive, negative,
+                                  torch.zeros_like(noise), seed=0, disable_pbar=True)
+    wrapper = model.get_wrappers("calc_cond_batch", node.WRAPPER_KEY)[0]
+    assert len(set(sigmas_seen)) > 4  # the schedule's 3 sigmas and dpm_2's midpoints were evaluated
+    assert [step for step, _ in wrapper.losses] == [0, 1]
+    assert torch.isfinite(out).all()

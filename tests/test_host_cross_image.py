@@ -46,26 +46,30 @@ def sd15(tiny, inv, xi):
 
 def test_same_image_without_contrast_or_guidance_is_the_structure_replay(sd15, xi, inv):
     model, clip, structure, _ = sd15
-    out, run = xi.transfer(model, clip, structure, structure, "cat", "cat", contrast=1.0, swap_guidance=1.0)
-    reference = inv.replay(model, structure, xi.encode(clip, STRUCTURE_PROMPT), start=run.skip, add_final_residual=False)
-    assert run.skip == 4 and run.masks is not None  # the swap and masked AdaIN ran
+    out, guider = xi.transfer(model, clip, structure, structure,
+                              xi.CrossImageSettings("cat", "cat", contrast=1.0, swap_guidance=1.0))
+    reference = inv.replay(model, structure, xi.encode(clip, STRUCTURE_PROMPT), start=guider.skipped_steps,
+                           add_final_residual=False)
+    assert guider.skipped_steps == 4 and guider.masks is not None  # the swap and masked AdaIN ran
     assert (out - reference).abs().max().item() <= 1e-4
 
 
 def test_transfer_changes_the_output_and_reports_its_masks(sd15, xi, inv):
     model, clip, structure, appearance = sd15
-    out, run = xi.transfer(model, clip, structure, appearance, "cat", "dog")
-    reference = inv.replay(model, structure, xi.encode(clip, STRUCTURE_PROMPT), start=run.skip, add_final_residual=False)
+    out, guider = xi.transfer(model, clip, structure, appearance, xi.CrossImageSettings("cat", "dog"))
+    reference = inv.replay(model, structure, xi.encode(clip, STRUCTURE_PROMPT), start=guider.skipped_steps,
+                           add_final_residual=False)
     assert torch.isfinite(out).all()
     assert (out - reference).abs().max().item() > 1e-2
     for branch in ("structure", "appearance"):
-        mask = run.masks[branch]
+        mask = guider.masks[branch]
         assert mask.shape == (1, 16, 16) and set(mask.unique().tolist()) <= {0.0, 1.0} and mask.any()
     # each ingredient alone changes the result
-    plain, _ = xi.transfer(model, clip, structure, appearance, "cat", "dog", contrast=1.0, swap_guidance=1.0,
-                           masked_adain=False)
+    plain, _ = xi.transfer(model, clip, structure, appearance,
+                           xi.CrossImageSettings("cat", "dog", contrast=1.0, swap_guidance=1.0, masked_adain=False))
     assert (plain - reference).abs().max().item() > 1e-3  # the swap itself
-    contrasted, _ = xi.transfer(model, clip, structure, appearance, "cat", "dog", swap_guidance=1.0, masked_adain=False)
+    contrasted, _ = xi.transfer(model, clip, structure, appearance,
+                                xi.CrossImageSettings("cat", "dog", swap_guidance=1.0, masked_adain=False))
     assert (contrasted - plain).abs().max().item() > 1e-4
 
 
@@ -81,35 +85,35 @@ def test_call_plan_reads_branches_from_their_inversions(sd15, xi):
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     watched.set_model_unet_function_wrapper(watch)
-    _, run = xi.transfer(watched, clip, structure, appearance, "cat", "dog")
+    _, guider = xi.transfer(watched, clip, structure, appearance, xi.CrossImageSettings("cat", "dog"))
     by_step = {}
     for sigma, x in calls:
-        by_step.setdefault(run.step_at(sigma), []).append(x)
-    schedule = run.schedule
-    for step in range(schedule.steps):
+        by_step.setdefault(guider.step_at(sigma), []).append(x)
+    plan = guider.plan
+    for step in range(plan.steps):
         rows = [x.shape[0] for x in by_step[step]]
         expected = [1]
-        if schedule.swaps(step):
+        if plan.swaps(step):
             expected = [1, 2]
-        if step == schedule.adain_step:
+        if step == plan.adain_step:
             expected = [1, 1] + expected
         assert rows == expected, (step, rows)
-        if schedule.swaps(step):
-            source = run.latent(schedule.source(step), step, "cpu")
+        if plan.swaps(step):
+            source = guider.latent(plan.source(step), step, "cpu")
             assert torch.equal(by_step[step][-2].cpu().float(), source)
-    assert {schedule.source(s) for s in range(schedule.steps) if schedule.swaps(s)} == {"structure", "appearance"}
+    assert {plan.source(s) for s in range(plan.steps) if plan.swaps(s)} == {"structure", "appearance"}
     # the authors' pipeline: 3 branches x 2 passes = 6 rows at every step
-    assert sum(x.shape[0] for _, x in calls) <= 6 * schedule.steps / 2
+    assert sum(x.shape[0] for _, x in calls) <= 6 * plan.steps / 2
 
 
 def test_text_cfg_sdxl_and_an_appearance_of_another_size(tiny, inv, xi):
     model, clip = tiny.sdxl_unet(seed=3), tiny.text_encoder(seed=4)
     structure = invert(inv, xi, model, clip, STRUCTURE_PROMPT, seed=1, steps=8)
     appearance = invert(inv, xi, model, clip, APPEARANCE_PROMPT, seed=2, shape=(1, 4, 12, 20), steps=8)
-    out, run = xi.transfer(model, clip, structure, appearance, "cat", "dog")
+    out, guider = xi.transfer(model, clip, structure, appearance, xi.CrossImageSettings("cat", "dog"))
     assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
-    assert run.masks["appearance"].shape == (1, 12, 20)
-    with_cfg, _ = xi.transfer(model, clip, structure, appearance, "cat", "dog", cfg=3.0)
+    assert guider.masks["appearance"].shape == (1, 12, 20)
+    with_cfg, _ = xi.transfer(model, clip, structure, appearance, xi.CrossImageSettings("cat", "dog", cfg=3.0))
     assert torch.isfinite(with_cfg).all() and (with_cfg - out).abs().max().item() > 1e-4
 
 
@@ -117,15 +121,17 @@ def test_clear_errors(sd15, tiny, inv, xi):
     model, clip, structure, appearance = sd15
     other = invert(inv, xi, model, clip, APPEARANCE_PROMPT, seed=2, steps=10)
     with pytest.raises(ValueError, match="CrossImageAttention: appearance: inverted over another schedule"):
-        xi.transfer(model, clip, structure, other, "cat", "dog")
+        xi.transfer(model, clip, structure, other, xi.CrossImageSettings("cat", "dog"))
     with pytest.raises(ValueError, match="CrossImageAttention: appearance_object: 'zebra' is not in the prompt"):
-        xi.transfer(model, clip, structure, appearance, "cat", "zebra", prompt="a photo of a cat and a dog")
+        xi.transfer(model, clip, structure, appearance,
+                    xi.CrossImageSettings("cat", "zebra", prompt="a photo of a cat and a dog"))
     with pytest.raises(ValueError, match="CrossImageAttention: structure_object: name the object"):
-        xi.transfer(model, clip, structure, appearance, " ", "dog")
+        xi.transfer(model, clip, structure, appearance, xi.CrossImageSettings(" ", "dog"))
     with pytest.raises(ValueError, match="CrossImageAttention: structure: expected an INVERSION"):
-        xi.transfer(model, clip, "not an inversion", appearance, "cat", "dog")
+        xi.transfer(model, clip, "not an inversion", appearance, xi.CrossImageSettings("cat", "dog"))
     with pytest.raises(ValueError, match="swap_start"):
-        xi.transfer(model, clip, structure, appearance, "cat", "dog", swap_start=0.9, swap_end=0.5)
+        xi.transfer(model, clip, structure, appearance, xi.CrossImageSettings("cat", "dog", swap_start=0.9,
+                                                                              swap_end=0.5))
 
 
 def test_controlnet_steers_the_output_branch_only(sd15, xi):
@@ -147,11 +153,12 @@ def test_controlnet_steers_the_output_branch_only(sd15, xi):
         def inference_memory_requirements(self, dtype):
             return 0
 
-    plain, run = xi.transfer(model, clip, structure, appearance, "cat", "dog")
+    plain, guider = xi.transfer(model, clip, structure, appearance, xi.CrossImageSettings("cat", "dog"))
     controlled_cond = [[c, dict(extra, control=Control())] for c, extra in xi.encode(clip, STRUCTURE_PROMPT)]
-    controlled, _ = xi.transfer(model, clip, structure, appearance, "cat", "dog", output_conditioning=controlled_cond)
-    schedule = run.schedule
-    assert asked == [2 if schedule.swaps(step) else 1 for step in range(schedule.steps)]
+    controlled, _ = xi.transfer(model, clip, structure, appearance, xi.CrossImageSettings("cat", "dog"),
+                                output_conditioning=controlled_cond)
+    plan = guider.plan
+    assert asked == [2 if plan.swaps(step) else 1 for step in range(plan.steps)]
     assert (controlled - plain).abs().max().item() > 1e-3
 
 
@@ -160,14 +167,14 @@ def test_refuses_ddim_inversions_and_names_the_steps_it_was_given(sd15, tiny, in
     positive = xi.encode(clip, APPEARANCE_PROMPT)
     _, ddim = inv.invert(model, user_latent(model, 2), positive, steps=STEPS, method="ddim")
     with pytest.raises(ValueError, match="CrossImageAttention: appearance: a 'ddim' inversion;.*method 'ddpm'"):
-        xi.transfer(model, clip, structure, ddim, "cat", "dog")
+        xi.transfer(model, clip, structure, ddim, xi.CrossImageSettings("cat", "dog"))
     with pytest.raises(ValueError, match="CrossImageAttention: structure: a 'ddim' inversion"):
-        xi.transfer(model, clip, ddim, appearance, "cat", "dog")
+        xi.transfer(model, clip, ddim, appearance, xi.CrossImageSettings("cat", "dog"))
     # ddim_uniform walks 13 steps when asked for 12: the message names the steps the user set
     assert structure.num_steps != STEPS and structure.steps == STEPS
     eight = invert(inv, xi, model, clip, APPEARANCE_PROMPT, seed=2, steps=8)
     with pytest.raises(ValueError, match="another schedule than the structure \\(8 steps against the structure's 12\\)"):
-        xi.transfer(model, clip, structure, eight, "cat", "dog")
+        xi.transfer(model, clip, structure, eight, xi.CrossImageSettings("cat", "dog"))
 
 
 def test_an_appearance_of_another_size_is_named_in_a_warning(sd15, inv, xi, caplog):
@@ -205,8 +212,8 @@ def test_masks_read_every_layer_of_the_two_top_decoder_levels(sd15, xi, pack):
     model, clip, structure, appearance = sd15
     patching = importlib.import_module(pack.__name__ + ".nodes.patching")
     levels = patching.decoder_levels(model)
-    _, run = xi.transfer(model, clip, structure, appearance, "cat", "dog")
-    assert run.recorder.selection.layers == frozenset(levels[0] + levels[1])
+    _, guider = xi.transfer(model, clip, structure, appearance, xi.CrossImageSettings("cat", "dog"))
+    assert guider.recorder.selection.layers == frozenset(levels[0] + levels[1])
 
 
 def test_adain_background_matches_the_background_outside_the_masks(sd15, xi, pack):
@@ -214,20 +221,36 @@ def test_adain_background_matches_the_background_outside_the_masks(sd15, xi, pac
     statistics (outside the structure's mask) to those of the appearance's background."""
     ci = importlib.import_module(pack.__name__ + ".attention_patches.cross_image")
     model, clip, structure, appearance = sd15
-    _, run = xi.transfer(model, clip, structure, appearance, "cat", "dog")
+    _, guider = xi.transfer(model, clip, structure, appearance, xi.CrossImageSettings("cat", "dog"))
     mask = torch.zeros(1, 16, 16)
     mask[:, 4:10, 5:12] = 1
-    run.masks = {"structure": mask, "appearance": torch.roll(mask, 3, -1)}
-    step = run.schedule.adain_step
-    x = run.latent("structure", step + 1, "cpu")
-    object_only = run.after_step(step, x)
-    run.adain_background = True
-    both = run.after_step(step, x)
+    guider.masks = {"structure": mask, "appearance": torch.roll(mask, 3, -1)}
+    step = guider.plan.adain_step
+    x = guider.latent("structure", step + 1, "cpu")
+    object_only = guider.after_step(step, x)
+    guider.adain_background = True
+    both = guider.after_step(step, x)
     inside = mask[0] > 0.5
     assert torch.allclose(both[..., inside], object_only[..., inside])
     assert torch.allclose(object_only[..., ~inside], x[..., ~inside], atol=1e-5)
-    scale = xi.vp_scale(float(run.sigmas[run.skip + step + 1]))
-    style = run.latent("appearance", step + 1, "cpu")[0] / scale
-    expected = ci.masked_adain(object_only[0] / scale, style, 1 - mask[0], 1 - run.masks["appearance"][0]) * scale
+    scale = xi.vp_scale(float(guider.sigmas[step + 1]))
+    style = guider.latent("appearance", step + 1, "cpu")[0] / scale
+    expected = ci.masked_adain(object_only[0] / scale, style, 1 - mask[0], 1 - guider.masks["appearance"][0]) * scale
     assert torch.allclose(both[0], expected, atol=1e-5)
     assert (both - object_only)[..., ~inside].abs().max().item() > 1e-3
+
+
+def test_the_node_hands_every_setting_to_the_transfer_by_name(xi):
+    """Each widget of the node is a field of CrossImageSettings of the same name, with the same default
+    (to the widget's rounding); the inputs that are not settings are the model, the clip, the two
+    inversions and the output conditioning."""
+    import dataclasses
+
+    schema = xi.CrossImageAttention.define_schema()
+    inputs = {i.id: i for i in schema.inputs}
+    fields = {f.name: f for f in dataclasses.fields(xi.CrossImageSettings)}
+    assert set(inputs) - set(fields) == {"model", "clip", "structure", "appearance", "output_conditioning"}
+    assert set(fields) <= set(inputs)
+    for name, field in fields.items():
+        if field.default is not dataclasses.MISSING:
+            assert inputs[name].default == pytest.approx(field.default, abs=5e-4), name

@@ -249,6 +249,31 @@ def test_ddpm_replay_from_a_later_step_reconstructs(start):
     assert max_abs(rec2, x0) <= 1e-5
 
 
+@pytest.mark.parametrize("start", [0, 10, 49])
+def test_from_step_replays_what_a_replay_from_that_step_walks(start):
+    x0 = clean_latent()
+    inv = ddpm_invert(wrong_denoiser, x0, ddim_uniform_descending(50), torch.Generator().manual_seed(2))
+    tail = inv.from_step(start)
+    assert tail.num_steps == 50 - start and tail.kind == "ddpm"
+    assert torch.equal(tail.sampling_sigmas, inv.sampling_sigmas[start:])
+    assert torch.equal(tail.latents[0], inv.latents[start]) and torch.equal(tail.x_0, inv.x_0)
+    seen, seen_tail = [], []
+    full = ddpm_replay(wrong_denoiser, inv, start=start, add_final_residual=False,
+                       after_step=lambda k, x: seen.append((k, x.clone())) or x * 0.999)
+    from_tail = ddpm_replay(wrong_denoiser, tail, add_final_residual=False,
+                            after_step=lambda k, x: seen_tail.append((k, x.clone())) or x * 0.999)
+    assert torch.equal(full, from_tail)  # the same steps, bit for bit
+    assert [k for k, _ in seen_tail] == [k - start for k, _ in seen]  # step indices counted from start
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(seen, seen_tail))
+    ddim = ddim_invert(gaussian_denoiser, x0, ddim_uniform_ascending(10))
+    ddim_tail = ddim.from_step(3)
+    assert torch.equal(ddim_tail.sampling_sigmas, ddim.sampling_sigmas[3:])
+    assert torch.equal(ddim_tail.x_T, ddim.latent_at(float(ddim.sampling_sigmas[3])))
+    for bad in (-1, 50, 1.5, True):
+        with pytest.raises(ValueError, match="start: must be an int in \\[0, 49\\]"):
+            inv.from_step(bad)
+
+
 def test_ddpm_invert_is_seeded():
     x0 = clean_latent()
     sigmas = ddim_uniform_descending(10)

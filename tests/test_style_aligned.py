@@ -8,25 +8,26 @@ import torch
 
 from attention_lab.attention_patches import sdpa_attention
 from attention_lab.attention_patches.call import AttentionCall, ChunkLayout
-from attention_lab.attention_patches.style_aligned import (
-    ReferenceTrajectory,
+from attention_lab.attention_patches.shared_attention import (
     SharedGroup,
+    StyleAlignedOptions,
+    adain,
+    shared_attention,
+    shared_group_norm,
+)
+from attention_lab.attention_patches.style_aligned import (
     SharedGroupNormForward,
     SharedNormState,
     StyleAligned,
-    StyleAlignedOptions,
     StyleAlignedSettings,
-    adain,
     paper_layer_order,
     parse_blocks,
     parse_image_list,
     plain_layers,
-    shared_attention,
-    shared_group_norm,
     sharing_groups,
-    trajectory_step,
     zero_reference_control,
 )
+from attention_lab.attention_patches.style_reference import ReferenceTrajectory, trajectory_step
 
 HEADS, DIM, TOKENS = 2, 8, 12
 
