@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from .backend import mask_4d, mask_min, merge_heads, split_heads
+from .backend import attention_probabilities, mask_4d, mask_min, merge_heads, split_heads
 from .call import AttentionCall, Layer
 from .recorder import CROSS, SELF, AttentionRecorder, RecordSelection
 from .router import AttentionTechnique, combine_masks
@@ -673,15 +673,6 @@ class LossLayersDone(Exception):
     """Raised inside a guidance pass once the last loss layer ran: the rest of the UNet is not needed."""
 
 
-def head_sum_probabilities(q, k, heads: int, mask=None) -> torch.Tensor:
-    """`softmax(QKᵀ/√d + mask)` per head, float32: `[B, H, Nq, Nk]` (kept for autograd in guidance passes)."""
-    q, k = split_heads(q.float(), heads), split_heads(k.float(), heads)
-    logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-    if mask is not None:
-        logits = logits + (mask if mask.ndim == 4 else mask.unsqueeze(-3)).float()
-    return logits.softmax(-1)
-
-
 class BoundedAttention(AttentionTechnique):
     """The bounded masks in every layer, and the loss layers' probabilities during guidance passes.
 
@@ -823,7 +814,7 @@ class BoundedAttention(AttentionTechnique):
             mask = combine_masks(mask, self.mask_for(call, k.shape[1], q.dtype, q.device))
         if not loss_call:
             return attend(q, k, v, mask)
-        probs = head_sum_probabilities(q, k, call.heads, mask)
+        probs = attention_probabilities(q, k, call.heads, mask)
         rows = torch.tensor(call.layout.rows(cond=True), device=q.device)
         self.collected.append(LayerProbs.from_heads(call.is_self, call.height, call.width, probs.index_select(0, rows),
                                                     keep_heads=getattr(self.loss, "per_head", False)))
