@@ -31,7 +31,6 @@ from ..attention_patches.segmentation import (
     heat_overlay,
     kmeans_segments,
     label_segments,
-    merge_word_pieces,
     min_max,
     pca_rgb,
     segment_masks,
@@ -41,6 +40,7 @@ from ..attention_patches.segmentation import (
     word_maps,
     word_masks,
 )
+from ..attention_patches.words import merge_word_pieces
 from .patching import attach_router, layer_downsampling
 
 AttentionRecord = io.Custom("ATTENTION_RECORD")
