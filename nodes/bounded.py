@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import sys
 
 import torch
@@ -23,7 +22,9 @@ from comfy_api.latest import io
 
 from ..attention_patches import bounded as ba
 from ..attention_patches.call import StepClock
+from ..attention_patches.words import FILTER_CLASSES, is_function_word
 from .patching import attach_router
+from .tokens import phrase_tokens, tokenize
 
 NODE = "BoundedAttentionLayout"
 WRAPPER_KEY = "attention_lab.bounded_guidance"
@@ -35,51 +36,24 @@ log = logging.getLogger("attention_lab")
 # --- subjects and boxes -----------------------------------------------------------
 
 
-def _token_ids(clip, text: str) -> list[int]:
-    """Token ids of the first 77-token chunk of `text`, as the CLIP that encoded the prompt tokenizes it."""
-    tokens = clip.tokenize(text)
-    name = "l" if "l" in tokens else next(iter(tokens), None)
-    if name is None or not tokens[name]:
-        raise ValueError(f"{NODE}: clip: this text encoder's tokenizer gives no CLIP tokens; SD1.x/SD2.x/SDXL CLIP is needed")
-    return [int(t[0]) for t in tokens[name][0]]
-
-
-def _words(clip, text: str) -> list[int]:
-    """The ids of `text` without start, end and padding tokens."""
-    ids = _token_ids(clip, text)
-    start, end = ids[0], _end_token(ids)
-    return [t for t in ids[1:] if t not in (start, end, 0)]
-
-
-def _end_token(ids: list[int]) -> int:
-    # CLIP's end token is the one after the last word; SD1's tokenizer also pads with it
-    return 49407 if 49407 in ids else ids[-1]
-
-
 def resolve_layout(clip, prompt: str, subjects: list[str], boxes: list, filter_words: bool) -> ba.BoundedLayout:
-    """Token positions of every subject, EOS and the filter words in `prompt`, with the boxes."""
-    ids = _token_ids(clip, prompt)
-    end = _end_token(ids)
-    if end not in ids[1:]:
-        raise ValueError(f"{NODE}: prompt: longer than one {ba.CHUNK_TOKENS}-token chunk; shorten it to under 75 tokens")
-    eos = ids.index(end, 1)
-    words = ids[1:eos]
-    subject_tokens = []
-    for name in subjects:
-        sub = _words(clip, name)
-        found = [i for i in range(len(words) - len(sub) + 1) if sub and words[i:i + len(sub)] == sub]
-        if not found:
-            raise ValueError(f"{NODE}: subjects: {name!r} is not in the prompt {prompt!r} (it must appear word for word)")
-        subject_tokens.append(tuple(found[0] + 1 + j for j in range(len(sub))))
-    filters = set()
+    """Token positions of every subject, EOS and the filter words in `prompt`'s first chunk, with the boxes.
+
+    A subject must appear token for token; the filter words are the prompt's
+    single-token words of the classes the authors' part-of-speech filter closes.
+    """
+    tokens = tokenize(clip, prompt, NODE)
+    eos = tokens.end_position
+    if eos is None:
+        raise ValueError(f"{NODE}: clip: its tokenizer marks no end of the text; SD1.x/SD2.x/SDXL CLIP is needed")
+    subject_tokens = tuple(phrase_tokens(clip, tokens, name, NODE, "subjects") for name in subjects)
+    filters = ()
     if filter_words:
-        for word in set(re.findall(r"[A-Za-z0-9]+", prompt.lower())):
-            if ba.is_filter_word(word):
-                sub = _words(clip, word)
-                if len(sub) == 1:
-                    filters |= {i + 1 for i, t in enumerate(words) if t == sub[0]}
-    return ba.BoundedLayout(boxes=tuple(boxes), subject_tokens=tuple(subject_tokens), eos_token=eos,
-                            filter_tokens=tuple(sorted(filters)), names=tuple(subjects))
+        filters = tuple(sorted(w.positions[0] for w in tokens.words
+                               if len(w.positions) == 1 and w.positions[0] < eos
+                               and is_function_word(w.text, FILTER_CLASSES)))
+    return ba.BoundedLayout(boxes=tuple(boxes), subject_tokens=subject_tokens, eos_token=eos,
+                            filter_tokens=filters, names=tuple(subjects))
 
 
 def subject_lines(text: str) -> list[str]:

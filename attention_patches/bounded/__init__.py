@@ -61,14 +61,12 @@ from .layers import (
 )
 from .layout import (
     CHUNK_TOKENS,
-    FILTER_WORDS,
     Box,
     BoundedLayout,
     additive,
     box_masks,
     check_box,
     cross_attention_allowed,
-    is_filter_word,
     self_attention_allowed,
     self_attention_groups,
     token_columns,

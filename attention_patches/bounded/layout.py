@@ -24,25 +24,6 @@ from ..backend import mask_min
 
 CHUNK_TOKENS = 77  # one CLIP text chunk; longer contexts repeat the chunk layout
 
-# The authors' filter tokens are chosen by NLTK part-of-speech tags (determiners,
-# conjunctions, numbers, prepositions, pronouns, modals, ...) plus left/right/
-# top/bottom. Without a tagger, the closed-class English words those tags cover:
-FILTER_WORDS = frozenset("""
-a an the this that these those some any each every either neither no all both half such what which whose
-and or but nor so yet plus
-of in on at by for with from to into onto upon over under above below behind beside besides between among
-near through across along around against toward towards about after before during inside outside within
-without beneath underneath next than as like via per off out up down
-left right top bottom
-i me my mine you your yours he him his she her hers it its we us our ours they them their theirs
-there here can could may might must shall should will would
-one two three four five six seven eight nine ten eleven twelve
-""".split())
-
-
-def is_filter_word(word: str) -> bool:
-    return word.lower() in FILTER_WORDS or word.isdigit()
-
 
 # -- the prompt's subjects and boxes ---------------------------------------------
 
