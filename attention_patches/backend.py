@@ -41,6 +41,20 @@ def sdpa_attention(q, k, v, heads, mask=None, attn_precision=None, transformer_o
     return merge_heads(out).to(dtype)
 
 
+def attention_probabilities(q, k, heads: int, mask=None) -> torch.Tensor:
+    """`softmax(Q_h K_hᵀ/√d + mask)` per head: `[B, H, Nq, Nk]` in float32.
+
+    q `[B, Nq, H*d]`, k `[B, Nk, H*d]`; `mask` additive, as `mask_4d` takes it.
+    For the techniques that read the maps themselves (recorders, guidance losses);
+    differentiable. (The scale is applied to Q, the small operand.)
+    """
+    q, k = split_heads(q.float(), heads), split_heads(k.float(), heads)
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if mask is not None:
+        logits += mask_4d(mask).float()
+    return logits.softmax(-1)
+
+
 def mask_4d(mask: torch.Tensor) -> torch.Tensor:
     """An additive mask `[Nq,Nk]`, `[B|1,Nq,Nk]` or `[B|1,H|1,Nq,Nk]` as `[B|1,H|1,Nq,Nk]`."""
     if mask.ndim == 2:

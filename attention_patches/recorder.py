@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backend import mask_4d, split_heads
+from .backend import attention_probabilities, mask_4d
 from .call import AttentionCall
 from .router import AttentionTechnique
 
@@ -116,19 +116,6 @@ def record_bytes(selection: RecordSelection, layer_halvings: dict, latent: Grid,
             maps[(kind, grid)] = images * tokens * keys * FLOAT_BYTES
     transient = min(chunk_elements * FLOAT_BYTES, max(maps.values(), default=0))
     return sum(maps.values()) + transient, maps
-
-
-def attention_probabilities(q, k, heads: int, mask=None) -> torch.Tensor:
-    """`softmax(Q_h K_hᵀ/√d + mask)` per head: `[B, H, Nq, Nk]` in float32.
-
-    q `[B, Nq, H*d]`, k `[B, Nk, H*d]`; `mask` additive, broadcastable to
-    `[B, H, Nq, Nk]`. (The scale is applied to Q, the small operand.)
-    """
-    q, k = split_heads(q.float(), heads), split_heads(k.float(), heads)
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-    if mask is not None:
-        logits += mask.float()
-    return logits.softmax(-1)
 
 
 class AttentionRecorder(AttentionTechnique):

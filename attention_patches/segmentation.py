@@ -32,54 +32,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .words import Word, is_function_word, missing_words, word_positions
+
 BACKGROUND = "background"
 
-# Words never offered as labels when the user names none: local-prompt-mixing
-# labels with nouns only (from a POS tagger); without one, function words are
-# the ones that must not win a segment.
-FUNCTION_WORDS = frozenset([
-    "a", "an", "the", "and", "or", "but", "nor", "of", "in", "on", "at", "to", "from", "by", "with", "without",
-    "into", "onto", "over", "under", "above", "below", "behind", "beside", "between", "near", "next", "for",
-    "as", "is", "are", "was", "were", "be", "been", "being", "it", "its", "this", "that", "these", "those",
-    "his", "her", "their", "our", "my", "your", "some", "any", "no", "not", "very"
-])
 
-
-# -- words and tokens -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Word:
-    text: str  # as written, lower case
-    positions: tuple[int, ...]  # token positions in the conditioning's token axis
-
-
-def merge_word_pieces(pieces: list[tuple[int, str]]) -> list[Word]:
-    """Words from BPE pieces `(position, piece)`; a piece ending in `</w>` ends a word.
-
-    CLIP's BPE writes the end of a word as `</w>`, so "sunglasses" ->
-    `sun`, `glasses</w>` becomes one word with both positions. Pieces with no
-    letter or digit (punctuation) are dropped.
-    """
-    words, text, positions = [], "", []
-    for position, piece in pieces:
-        end = piece.endswith("</w>")
-        text += piece[: -len("</w>")] if end else piece
-        positions.append(position)
-        if end:
-            if re.search(r"\w", text):
-                words.append(Word(text.lower(), tuple(positions)))
-            text, positions = "", []
-    if positions and re.search(r"\w", text):
-        words.append(Word(text.lower(), tuple(positions)))
-    return words
+# -- words ------------------------------------------------------------------------
 
 
 def select_words(words: list[Word], requested: str) -> dict[str, tuple[int, ...]]:
     """Token positions of each requested word (comma-separated; an entry may be several words).
 
     Every occurrence of a word in the prompt counts. Empty `requested` gives
-    every word of the prompt except function words; text that names no word
+    every word of the prompt except function words (`words.FUNCTION_WORDS`); text that names no word
     (",,,", " , ") is refused rather than read as empty. Raises ValueError
     naming a word that is not in the prompt and listing the prompt's words.
     """
@@ -90,23 +55,19 @@ def select_words(words: list[Word], requested: str) -> dict[str, tuple[int, ...]
             "words, or leave it empty for every word of the prompt except function words"
         )
     if not entries:
-        entries = list(dict.fromkeys(w.text for w in words if w.text not in FUNCTION_WORDS))
+        entries = list(dict.fromkeys(w.text for w in words if not is_function_word(w.text)))
         if not entries:
             raise ValueError("the prompt has no words to label segments with (only function words or none)")
-    by_text: dict[str, list[int]] = {}
-    for word in words:
-        by_text.setdefault(word.text, []).extend(word.positions)
     selected = {}
     for entry in entries:
-        positions = []
-        for part in re.findall(r"\w+", entry):
-            if part not in by_text:
-                listed = ", ".join(dict.fromkeys(w.text for w in words)) or "(none)"
-                raise ValueError(f"words: '{part}' is not in the prompt; the prompt's words are: {listed}")
-            positions += by_text[part]
+        missing = missing_words(words, entry)
+        if missing:
+            listed = ", ".join(dict.fromkeys(w.text for w in words)) or "(none)"
+            raise ValueError(f"words: '{missing[0]}' is not in the prompt; the prompt's words are: {listed}")
+        positions = word_positions(words, entry)
         if not positions:
             raise ValueError(f"words: '{entry}' has no letters or digits")
-        selected[entry] = tuple(sorted(set(positions)))
+        selected[entry] = positions
     return selected
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import sys
 
 import torch
@@ -23,7 +22,9 @@ from comfy_api.latest import io
 
 from ..attention_patches import bounded as ba
 from ..attention_patches.schedule import step_index
+from ..attention_patches.words import FILTER_CLASSES, is_function_word
 from .patching import attach_router
+from .tokens import phrase_tokens, tokenize
 
 NODE = "BoundedAttentionLayout"
 WRAPPER_KEY = "attention_lab.bounded_guidance"
@@ -35,51 +36,24 @@ log = logging.getLogger("attention_lab")
 # --- subjects and boxes -----------------------------------------------------------
 
 
-def _token_ids(clip, text: str) -> list[int]:
-    """Token ids of the first 77-token chunk of `text`, as the CLIP that encoded the prompt tokenizes it."""
-    tokens = clip.tokenize(text)
-    name = "l" if "l" in tokens else next(iter(tokens), None)
-    if name is None or not tokens[name]:
-        raise ValueError(f"{NODE}: clip: this text encoder's tokenizer gives no CLIP tokens; SD1.x/SD2.x/SDXL CLIP is needed")
-    return [int(t[0]) for t in tokens[name][0]]
-
-
-def _words(clip, text: str) -> list[int]:
-    """The ids of `text` without start, end and padding tokens."""
-    ids = _token_ids(clip, text)
-    start, end = ids[0], _end_token(ids)
-    return [t for t in ids[1:] if t not in (start, end, 0)]
-
-
-def _end_token(ids: list[int]) -> int:
-    # CLIP's end token is the one after the last word; SD1's tokenizer also pads with it
-    return 49407 if 49407 in ids else ids[-1]
-
-
 def resolve_layout(clip, prompt: str, subjects: list[str], boxes: list, filter_words: bool) -> ba.BoundedLayout:
-    """Token positions of every subject, EOS and the filter words in `prompt`, with the boxes."""
-    ids = _token_ids(clip, prompt)
-    end = _end_token(ids)
-    if end not in ids[1:]:
-        raise ValueError(f"{NODE}: prompt: longer than one {ba.CHUNK_TOKENS}-token chunk; shorten it to under 75 tokens")
-    eos = ids.index(end, 1)
-    words = ids[1:eos]
-    subject_tokens = []
-    for name in subjects:
-        sub = _words(clip, name)
-        found = [i for i in range(len(words) - len(sub) + 1) if sub and words[i:i + len(sub)] == sub]
-        if not found:
-            raise ValueError(f"{NODE}: subjects: {name!r} is not in the prompt {prompt!r} (it must appear word for word)")
-        subject_tokens.append(tuple(found[0] + 1 + j for j in range(len(sub))))
-    filters = set()
+    """Token positions of every subject, EOS and the filter words in `prompt`'s first chunk, with the boxes.
+
+    A subject must appear token for token; the filter words are the prompt's
+    single-token words of the classes the authors' part-of-speech filter closes.
+    """
+    tokens = tokenize(clip, prompt, NODE)
+    eos = tokens.end_position
+    if eos is None:
+        raise ValueError(f"{NODE}: clip: its tokenizer marks no end of the text; SD1.x/SD2.x/SDXL CLIP is needed")
+    subject_tokens = tuple(phrase_tokens(clip, tokens, name, NODE, "subjects") for name in subjects)
+    filters = ()
     if filter_words:
-        for word in set(re.findall(r"[A-Za-z0-9]+", prompt.lower())):
-            if ba.is_filter_word(word):
-                sub = _words(clip, word)
-                if len(sub) == 1:
-                    filters |= {i + 1 for i, t in enumerate(words) if t == sub[0]}
-    return ba.BoundedLayout(boxes=tuple(boxes), subject_tokens=tuple(subject_tokens), eos_token=eos,
-                            filter_tokens=tuple(sorted(filters)), names=tuple(subjects))
+        filters = tuple(sorted(w.positions[0] for w in tokens.words
+                               if len(w.positions) == 1 and w.positions[0] < eos
+                               and is_function_word(w.text, FILTER_CLASSES)))
+    return ba.BoundedLayout(boxes=tuple(boxes), subject_tokens=subject_tokens, eos_token=eos,
+                            filter_tokens=filters, names=tuple(subjects))
 
 
 def subject_lines(text: str) -> list[str]:
@@ -212,8 +186,8 @@ class BoundedGuidanceWrapper:
     from the guided latent (`sampler_consistent_denoised`).
     """
 
-    def __init__(self, technique: ba.BoundedAttention, ordinals: dict):
-        self.technique = technique
+    def __init__(self, probe: ba.GuidanceProbe, ordinals: dict):
+        self.probe = probe
         self.ordinals = ordinals
         self.losses: list[tuple[int, list[float]]] = []  # (step, normalised losses) of the current run
 
@@ -223,7 +197,7 @@ class BoundedGuidanceWrapper:
     def __call__(self, executor, model, conds, x, timestep, model_options):
         schedule = model_options.get("transformer_options", {}).get("sample_sigmas")
         step = None if schedule is None else step_index(schedule, timestep, on_schedule=True)
-        if not self.technique.guides(step) or conds[0] is None or step + 1 >= len(schedule):
+        if not self.probe.guides(step) or conds[0] is None or step + 1 >= len(schedule):
             # not guided, no positive prompt (cfg 1 keeps it), or off the schedule: an intermediate
             # evaluation (Heun, DPM2, ...)
             return executor(model, conds, x, timestep, model_options)
@@ -231,11 +205,11 @@ class BoundedGuidanceWrapper:
             self.losses = []
         c_in = model.model_sampling.calculate_input(timestep, torch.ones_like(x))
         guided, losses = ba.guided_latent(
-            lambda v: executor(model, conds[:1], v, timestep, model_options), self.technique, x, step, self.ordinals,
+            lambda v: executor(model, conds[:1], v, timestep, model_options), self.probe, x, step, self.ordinals,
             preconditioner=1.0 / c_in ** 2,
         )
         self.losses.append((step, losses))
-        log.info("[Attention Lab] %s: step %d, %s loss %s", NODE, step, self.technique.guidance.loss,
+        log.info("[Attention Lab] %s: step %d, %s loss %s", NODE, step, self.probe.config.loss,
                  " -> ".join(f"{l:.3f}" for l in losses))
         guided = guided.to(x.dtype)
         sigma_next = float(schedule[step + 1])
@@ -246,19 +220,19 @@ class BoundedGuidanceWrapper:
 class MemoryCheck:
     """What the technique's own tensors need on a latent, and the refusal when that does not fit."""
 
-    def __init__(self, technique: ba.BoundedAttention, family: str, heads, guided: bool, device, dtype_bytes: int,
-                 loss_layers):
-        self.technique, self.family, self.heads = technique, family, heads
-        self.guided, self.device, self.dtype_bytes = guided, device, dtype_bytes
+    def __init__(self, probe: ba.GuidanceProbe | None, refinement: ba.MaskRefinement | None, family: str, heads,
+                 device, dtype_bytes: int, loss_layers):
+        self.probe, self.refinement, self.family, self.heads = probe, refinement, family, heads
+        self.device, self.dtype_bytes = device, dtype_bytes
         self.loss_layers = loss_layers  # latent (h, w) -> the loss layers guidance reads on it
 
     def needed(self, latent: tuple[int, int], images: int) -> dict[str, int]:
-        t = self.technique
+        guided = self.probe is not None and self.probe.config.steps > 0
         return ba.memory_needed(
             latent, images, self.family, self.heads,
-            loss_layers=self.loss_layers(latent) if self.guided else frozenset(),
-            loss_kinds=t.loss.kinds if self.guided else (),
-            mask_layers=t.recorder.selection.layers if t.recorder is not None else frozenset(),
+            loss_layers=self.loss_layers(latent) if guided else frozenset(),
+            loss_kinds=self.probe.loss.kinds if guided else (),
+            mask_layers=self.refinement.selection.layers if self.refinement is not None else frozenset(),
             dtype_bytes=self.dtype_bytes)
 
     def check(self, latent: tuple[int, int], images: int, where: str) -> None:
@@ -281,23 +255,26 @@ class MemoryCheck:
 
 class BoundedRun:
     """OUTER_SAMPLE wrapper: every sampling run starts from the boxes with an empty record, after the
-    memory its latent needs is checked (before the first UNet call)."""
+    memory its latent needs is checked (before the first UNet call), with the loss layers for its latent."""
 
-    def __init__(self, technique: ba.BoundedAttention, memory: MemoryCheck | None = None, loss_layers=None):
-        self.technique = technique
+    def __init__(self, probe: ba.GuidanceProbe | None, refinement: ba.MaskRefinement | None,
+                 memory: MemoryCheck | None = None, loss_layers=None):
+        self.probe = probe
+        self.refinement = refinement
         self.memory = memory
-        self.loss_layers = loss_layers  # latent (h, w) -> the loss layers for it (None: keep the technique's)
+        self.loss_layers = loss_layers  # latent (h, w) -> the loss layers for it (None: keep the probe's)
 
     def __deepcopy__(self, memo):
         return self
 
     def __call__(self, executor, *args, **kwargs):
         noise = next((a for a in args if isinstance(a, torch.Tensor) and a.ndim == 4), None)
-        if noise is not None and self.loss_layers is not None:
-            self.technique.loss_layers = self.loss_layers(tuple(noise.shape[-2:]))
+        if noise is not None and self.loss_layers is not None and self.probe is not None:
+            self.probe.loss_layers = self.loss_layers(tuple(noise.shape[-2:]))
         if self.memory is not None and noise is not None:
             self.memory.check(tuple(noise.shape[-2:]), noise.shape[0], "the latent's size")
-        self.technique.begin_run()
+        if self.refinement is not None:
+            self.refinement.begin_run()
         return executor(*args, **kwargs)
 
 
@@ -344,24 +321,24 @@ def _apply(model, clip, prompt, subjects, boxes, width, height, guidance, guidan
             step_size_end=step_size_end if step_size_end > 0 else end,
             loss_threshold=loss_threshold, cross_loss_scale=cross_loss_scale, self_loss_scale=self_loss_scale,
         )
-    technique = router.add(ba.BoundedAttention(
-        layout, ba.LOSS_LAYERS[family], config, mask_eos=mask_eos,
-        refinement=ba.RefinementConfig() if refine_masks else None, mask_layers=ba.MASK_LAYERS[family],
-    ))
-    technique.inner_wants = _inner_wants(router, technique)
-    guided = config is not None and guidance_steps > 0
-    dtype_bytes = torch.finfo(model.model.get_dtype()).bits // 8 if hasattr(model.model, "get_dtype") else 2
     loss_layers = lambda latent: ba.loss_layers_for(family, latent, router.layers)  # noqa: E731
-    memory = MemoryCheck(technique, family, _heads(model, family), guided, model.load_device, dtype_bytes, loss_layers)
-    technique.loss_layers = loss_layers((max(1, height // 8), max(1, width // 8)))
-    memory.check((max(1, height // 8), max(1, width // 8)), 1, "width/height")
-    if technique.recorder is not None:
-        router.add(technique.recorder)
+    initial_latent = (max(1, height // 8), max(1, width // 8))
+    probe = ba.GuidanceProbe(layout, loss_layers(initial_latent), config) if config is not None else None
+    refinement = (ba.MaskRefinement(layout, ba.MASK_LAYERS[family], ba.RefinementConfig(), guidance=probe)
+                  if refine_masks else None)
+    masks = router.add(ba.BoundedAttention(layout, mask_eos=mask_eos, guidance=probe, refinement=refinement))
+    for technique in (probe, refinement):
+        if technique is not None:
+            router.add(technique)  # the probe right after the masks (same order): just inside them
+    masks.inner_wants = _inner_wants(router, masks)
+    dtype_bytes = torch.finfo(model.model.get_dtype()).bits // 8 if hasattr(model.model, "get_dtype") else 2
+    memory = MemoryCheck(probe, refinement, family, _heads(model, family), model.load_device, dtype_bytes, loss_layers)
+    memory.check(initial_latent, 1, "width/height")
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_KEY,
-                                 BoundedRun(technique, memory, loss_layers))
-    if config is not None and guidance_steps > 0:
+                                 BoundedRun(probe, refinement, memory, loss_layers))
+    if probe is not None and guidance_steps > 0:
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
-                                     BoundedGuidanceWrapper(technique, router.ordinal))
+                                     BoundedGuidanceWrapper(probe, router.ordinal))
     return patched
 
 

@@ -43,7 +43,7 @@ from ..inversion import Inversion, ddpm_replay
 from ..inversion._common import vp_scale
 from .inversion import INVERSION, SamplerModel, check_invertible, guided_sample
 from .patching import attach_router, decoder_levels
-from .segment import prompt_words
+from .tokens import prompt_words
 
 NODE = "CrossImageAttention"
 RECORD_KEY = "attention_lab.cross_image.record"

@@ -19,17 +19,16 @@ prompt once means the conditioning and the alignment can never disagree.
 
 from __future__ import annotations
 
-import re
-
 import comfy.samplers
 import torch
 from comfy_api.latest import io
 
 from ..attention_patches import prompt_to_prompt as p2p
+from ..attention_patches.words import word_positions
 from ..inversion import Inversion, ddim_sample
 from .inversion import INVERSION, SamplerModel, check_invertible, guided_sample, sample_replay
 from .patching import attach_router
-from .segment import prompt_words
+from .tokens import one_chunk
 
 NODE = "PromptToPromptEdit"
 IMAGE_NODE = "PromptToPromptEditInversion"
@@ -39,26 +38,6 @@ FRACTION = dict(min=0.0, max=1.0, step=0.01)
 
 def _error(name: str, message: str) -> ValueError:
     return ValueError(f"{NODE}: {name}: {message}")
-
-
-def token_ids(clip, text: str, name: str) -> list[int]:
-    """The prompt's token ids with its start and end tokens (CLIP-L's; SDXL's CLIP-G places words alike)."""
-    tokens = clip.tokenize(text)
-    key = "l" if "l" in tokens else ("g" if "g" in tokens else None)
-    if key is None:
-        raise _error("clip", f"its tokenizer ({', '.join(tokens)}) is not a CLIP tokenizer; this node aligns "
-                             "prompts for SD1.x, SD2.x and SDXL text encoders")
-    tokenizer = getattr(clip.tokenizer, f"clip_{key}")
-    chunks = tokens[key]
-    ids = []
-    for entry in chunks[0]:
-        ids.append(int(entry[0]))
-        if entry[0] == tokenizer.end_token:
-            break
-    if len(chunks) > 1:
-        raise _error(name, f"the prompt has more than {len(chunks[0]) - 2} tokens; Prompt-to-Prompt aligns prompts "
-                           "of one 77-token chunk")
-    return ids
 
 
 def parse_weights(text: str, name: str) -> list[tuple[str, str]]:
@@ -72,14 +51,6 @@ def parse_weights(text: str, name: str) -> list[tuple[str, str]]:
             raise _error(name, f"'{part}' names no word")
         entries.append((word.lower(), value))
     return entries
-
-
-def word_positions(words, word: str) -> tuple[int, ...]:
-    positions = []
-    parts = re.findall(r"\w+", word)
-    for part in parts:
-        positions += [p for w in words if w.text == part for p in w.positions]
-    return tuple(sorted(set(positions))) if parts and all(any(w.text == part for w in words) for part in parts) else ()
 
 
 def _fraction(value: str, name: str, word: str) -> tuple[float, float]:
@@ -106,8 +77,9 @@ def build_technique(clip, source_prompt: str, edit_prompts: list[str], mode: str
         raise _error("edit_prompts", "no edited prompt: give one per line (e.g. the source with one word changed)")
     tokens = 77
     prompts = [source_prompt] + edit_prompts
-    ids = [token_ids(clip, p, "source_prompt" if i == 0 else "edit_prompts") for i, p in enumerate(prompts)]
-    words = [prompt_words(clip, p, NODE)[0] for p in prompts]
+    tokenized = [one_chunk(clip, p, NODE, "source_prompt" if i == 0 else "edit_prompts") for i, p in enumerate(prompts)]
+    ids = [list(t.first_chunk) for t in tokenized]
+    words = [list(t.words) for t in tokenized]
     source_words = [(w.text, w.positions) for w in words[0]]
 
     weights = parse_weights(reweight, "reweight")

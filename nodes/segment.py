@@ -9,8 +9,8 @@ empty, gives a clear error naming the cause instead of wrong masks). `RecordAtte
 real image (VAEEncode output) with one noised model pass.
 
 The math lives in attention_patches/segmentation.py; what lives here is the
-ComfyUI side: the tokenizer that maps prompt words to token positions, the
-model pass, and image/mask tensors in ComfyUI's layouts.
+ComfyUI side: the model pass and image/mask tensors in ComfyUI's layouts; prompt
+words reach token positions through nodes/tokens.py.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from ..attention_patches.segmentation import (
     heat_overlay,
     kmeans_segments,
     label_segments,
-    merge_word_pieces,
     min_max,
     pca_rgb,
     segment_masks,
@@ -42,6 +41,7 @@ from ..attention_patches.segmentation import (
     word_masks,
 )
 from .patching import attach_router, layer_downsampling
+from .tokens import prompt_words
 
 AttentionRecord = io.Custom("ATTENTION_RECORD")
 
@@ -155,38 +155,6 @@ def record_selection(max_resolution: int, include_middle: bool, node: str, start
         return RecordSelection(blocks=blocks, max_tokens=max_resolution * max_resolution, start=start, end=end)
     except ValueError as error:
         raise _named(node, error) from error
-
-
-def prompt_words(clip, text: str, node: str):
-    """(the prompt's words with their token positions, the prompt's token count).
-
-    Positions index the conditioning's token axis (chunks of 77 one after the
-    other), so they address the columns of the recorded cross-attention. SD1.x
-    tokenizes with CLIP-L ("l"), SDXL with CLIP-L and CLIP-G ("l", "g"), which
-    place words at the same positions; both are read and must agree.
-    """
-    tokens = clip.tokenize(text)
-    keys = [key for key in ("l", "g") if key in tokens]
-    if not keys:
-        raise ValueError(f"{node}: clip: its tokenizer ({', '.join(tokens)}) is not a CLIP tokenizer; "
-                         "this node maps words for SD1.x, SD2.x and SDXL text encoders")
-    found = {}
-    for key in keys:
-        tokenizer = getattr(clip.tokenizer, f"clip_{key}")
-        pieces, offset = [], 0
-        for chunk in tokens[key]:
-            for position, entry in enumerate(chunk):
-                token = entry[0]
-                if position == 0 and token == tokenizer.start_token:
-                    continue
-                if not isinstance(token, int) or token == tokenizer.end_token:
-                    break  # end of this chunk's text (the rest is padding)
-                pieces.append((offset + position, tokenizer.inv_vocab[token]))
-            offset += len(chunk)
-        found[key] = (merge_word_pieces(pieces), offset)
-    if len({repr(v) for v in found.values()}) > 1:
-        raise ValueError(f"{node}: the CLIP-L and CLIP-G tokenizations of the prompt place its words differently")
-    return found[keys[0]]
 
 
 def _named(node: str, error: ValueError) -> ValueError:

@@ -141,15 +141,16 @@ def test_self_attention_runs_in_query_groups_without_an_n_by_n_mask():
         return ba_backend.sdpa_attention(q, k, v, heads, mask=mask)
 
     router = AttentionRouter(LAYERS, attention=spy)
-    technique = router.add(ba.BoundedAttention(layout))
+    refinement = ba.MaskRefinement(layout, {LAYERS[0]})  # not on the router: the test sets its regions
+    router.add(ba.BoundedAttention(layout, refinement=refinement))
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(4, 16, HEADS * 8, generator=g, dtype=torch.float64) for _ in range(3))
     outer = torch.randn(4, 1, 16, 16, generator=g, dtype=torch.float64)
     box_regions = ba.box_masks(boxes, 4, 4)
     refined = torch.stack([box_regions, box_regions.roll(1, -1)])  # two images, other regions each
     for regions in (None, refined):
-        technique.refined, technique.refined_grid = regions, (None if regions is None else (4, 4))
-        technique._cache.clear()
+        refinement.refined, refinement.refined_grid = regions, (None if regions is None else (4, 4))
+        refinement.revision += 1
         masks_seen.clear()
         out = router.patch_for(LAYERS[0], is_self=True)(q, k, v, options(batch=4), mask=outer)
         per_image = [box_regions] * 2 if regions is None else list(regions)
@@ -389,7 +390,9 @@ def guidance_setup(loss="bounded", inference=False):
     router = AttentionRouter(LAYERS)
     config = ba.GuidanceConfig(loss=loss, iterations=6, loss_threshold=0.0, step_size_start=STEP_SIZES[loss],
                                step_size_end=STEP_SIZES[loss])
-    technique = router.add(ba.BoundedAttention(LAYOUT, loss_layers={LAYERS[1], LAYERS[2]}, guidance=config))
+    probe = ba.GuidanceProbe(LAYOUT, {LAYERS[1], LAYERS[2]}, config)
+    router.add(ba.BoundedAttention(LAYOUT, guidance=probe))
+    router.add(probe)
     if inference:
         with torch.inference_mode():
             net = TinyAttentionNet(router)
@@ -397,20 +400,20 @@ def guidance_setup(loss="bounded", inference=False):
     else:
         net = TinyAttentionNet(router)
         z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
-    return router, technique, net, z
+    return router, probe, net, z
 
 
 @pytest.mark.parametrize("loss", ["bounded", "layout_guidance", "attend_and_excite"])
 def test_guidance_lowers_the_loss_on_a_tiny_model(loss):
-    router, technique, net, z = guidance_setup(loss)
-    z_new, losses = ba.guided_latent(net, technique, z, step=0, ordinals=router.ordinal)
+    router, probe, net, z = guidance_setup(loss)
+    z_new, losses = ba.guided_latent(net, probe, z, step=0, ordinals=router.ordinal)
     assert len(losses) == 6 and all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] * 0.9, losses
     assert not z_new.requires_grad and z_new.grad_fn is None and not torch.equal(z_new, z)
-    assert technique.collected is None  # the pass closed
+    assert probe.collected is None and not probe.collecting  # the pass closed
 
 
 def test_guidance_stops_at_the_loss_layers_and_early():
-    router, technique, net, z = guidance_setup()
+    router, probe, net, z = guidance_setup()
     seen = []
     net_forward = net.forward
 
@@ -420,16 +423,16 @@ def test_guidance_stops_at_the_loss_layers_and_early():
         seen.append("finished")  # never reached: the last loss layer ends the pass
         return out
 
-    technique.guidance = ba.GuidanceConfig(iterations=5, loss_threshold=10.0)  # any loss is below: one iteration
-    _, losses = ba.guided_latent(forward, technique, z, step=0, ordinals=router.ordinal)
+    probe.config = ba.GuidanceConfig(iterations=5, loss_threshold=10.0)  # any loss is below: one iteration
+    _, losses = ba.guided_latent(forward, probe, z, step=0, ordinals=router.ordinal)
     assert len(losses) == 1 and seen == ["start"]
 
 
 def test_guidance_runs_inside_inference_mode_with_inference_weights():
-    router, technique, net, z = guidance_setup(inference=True)
+    router, probe, net, z = guidance_setup(inference=True)
     assert net.inp.weight.is_inference() and z.is_inference()
     with torch.inference_mode():
-        z_new, losses = ba.guided_latent(net, technique, z, step=3, ordinals=router.ordinal)
+        z_new, losses = ba.guided_latent(net, probe, z, step=3, ordinals=router.ordinal)
     assert losses[-1] < losses[0] and not torch.equal(z_new, z)
 
 

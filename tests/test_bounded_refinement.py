@@ -113,9 +113,12 @@ def step_options(step):
 def refining_router():
     router = AttentionRouter([("middle", 0, 0), LAYER])
     config = ba.RefinementConfig(start_step=START, every=EVERY)
-    technique = router.add(ba.BoundedAttention(LAYOUT, refinement=config, mask_layers={LAYER}))
-    router.add(technique.recorder)
-    return router, technique
+    probe = ba.GuidanceProbe(LAYOUT, {("middle", 0, 0)}, ba.GuidanceConfig())  # its loss layer is not LAYER
+    refinement = ba.MaskRefinement(LAYOUT, {LAYER}, config, guidance=probe)
+    router.add(ba.BoundedAttention(LAYOUT, guidance=probe, refinement=refinement))
+    router.add(probe)
+    router.add(refinement)
+    return router, probe, refinement
 
 
 def run_steps(router, steps):
@@ -129,40 +132,43 @@ def run_steps(router, steps):
 
 
 def test_technique_refines_from_the_start_step_and_masks_with_the_refined_regions():
-    router, technique = refining_router()
+    router, _, refinement = refining_router()
     q, _ = planted_qkv()
     boxes = ba.box_masks(BOXES, H, W)
     outputs = run_steps(router, range(START))
-    assert technique.refined is None and technique.recorder.steps == {0, 1}
+    assert refinement.refined is None and refinement.steps == {0, 1}
     box_mask = ba.additive(ba.self_attention_allowed(boxes), torch.float32)
     assert torch.allclose(outputs[-1].double(), softmax_attention(q, q, q, HEADS, box_mask), atol=1e-5)
 
     outputs = run_steps(router, range(START, STEPS))
-    assert technique.refinements == [2, 4]  # start_step, then every `every` steps
-    assert technique.recorder.steps == {0, 1, 2, 3}  # nothing after the last rebuild
-    assert torch.equal(technique.refined, REGIONS[None])
+    assert refinement.refinements == [2, 4]  # start_step, then every `every` steps
+    assert refinement.steps == {0, 1, 2, 3}  # nothing after the last rebuild
+    assert torch.equal(refinement.refined, REGIONS[None])
     refined_mask = ba.additive(ba.self_attention_allowed(REGIONS), torch.float32)
     assert not torch.equal(refined_mask, box_mask)
     assert torch.allclose(outputs[-1].double(), softmax_attention(q, q, q, HEADS, refined_mask), atol=1e-5)
 
-    technique.begin_run()  # the next sampling run starts from the boxes with an empty record
-    assert technique.refined is None and technique.recorder.is_empty and technique.refinements == []
+    refinement.begin_run()  # the next sampling run starts from the boxes with an empty record
+    assert refinement.refined is None and refinement.is_empty and refinement.refinements == []
+    outputs = run_steps(router, [START])  # and masks with the boxes again
+    assert torch.allclose(outputs[-1].double(), softmax_attention(q, q, q, HEADS, box_mask), atol=1e-5)
 
 
 def test_guidance_passes_are_not_recorded():
-    router, technique = refining_router()
-    technique.collected = []  # inside a guidance pass
+    router, probe, refinement = refining_router()
+    with probe.guide_pass(router.ordinal):
+        run_steps(router, [0])
+    assert refinement.is_empty
     run_steps(router, [0])
-    technique.collected = None
-    assert technique.recorder.is_empty
-    run_steps(router, [0])
-    assert not technique.recorder.is_empty
+    assert not refinement.is_empty
 
 
 def test_refined_masks_per_image_address_every_chunk():
-    technique = ba.BoundedAttention(LAYOUT, refinement=ba.RefinementConfig(), mask_layers={LAYER})
+    refinement = ba.MaskRefinement(LAYOUT, {LAYER})
+    technique = ba.BoundedAttention(LAYOUT, refinement=refinement)
     boxes = ba.box_masks(BOXES, H, W)
-    technique.refined, technique.refined_grid = torch.stack([REGIONS, boxes]), (H, W)  # image 0 refined, image 1 boxes
+    refinement.refined, refinement.refined_grid = torch.stack([REGIONS, boxes]), (H, W)  # image 0 refined, image 1 boxes
+    refinement.revision += 1
     router = AttentionRouter([LAYER])
     call = router.describe(router.patch_for(LAYER, True), torch.zeros(4, H * W, DIM),
                            dict(step_options(3), cond_or_uncond=[1, 0]))

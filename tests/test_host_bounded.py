@@ -132,9 +132,9 @@ def test_sd2_style_unet_uses_the_sd15_layers_and_sdxl_its_own(node, tiny, clip, 
         # at the authors' size (SD1.x 512 px, SDXL 1024 px): their blocks
         size = {"sd15": 512, "sdxl": 1024}[family]
         patched = node._apply(make(seed=0), clip, **inputs(width=size, height=size))
-        technique = next(t for t in patching.router_of(patched).techniques if t.name == "bounded_attention")
-        assert technique.loss_layers == pack.attention_patches.bounded.LOSS_LAYERS[family]
-        assert technique.guidance.step_size_start == {"sd15": 8.0, "sdxl": 18.0}[family]
+        probe = next(t for t in patching.router_of(patched).techniques if t.name == "bounded_guidance")
+        assert probe.loss_layers == pack.attention_patches.bounded.LOSS_LAYERS[family]
+        assert probe.config.step_size_start == {"sd15": 8.0, "sdxl": 18.0}[family]
 
 
 @pytest.mark.parametrize("family,dtype", [("sd15", torch.float32), ("sd15", torch.float16), ("sdxl", torch.float16)])

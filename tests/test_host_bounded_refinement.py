@@ -23,8 +23,8 @@ def patching(pack):
     return importlib.import_module(pack.__name__ + ".nodes.patching")
 
 
-def technique_of(patching, model):
-    return next(t for t in patching.router_of(model).techniques if t.name == "bounded_attention")
+def technique_of(patching, model, name="bounded_attention"):
+    return next((t for t in patching.router_of(model).techniques if t.name == name), None)
 
 
 def patched(node, patching, model, clip, refine_masks):
@@ -35,10 +35,12 @@ def patched(node, patching, model, clip, refine_masks):
         cross_loss_scale=1.5, self_loss_scale=0.5, mask_eos=True, filter_words=True, refine_masks=refine_masks,
     )
     technique = technique_of(patching, model)
+    refinement = technique_of(patching, model, "bounded_mask_refinement")
     if refine_masks:
-        technique.refinement = dataclasses.replace(technique.refinement, start_step=START, every=EVERY)
+        assert technique.refinement is refinement
+        refinement.config = dataclasses.replace(refinement.config, start_step=START, every=EVERY)
     else:
-        assert technique.refinement is None and technique.recorder is None
+        assert technique.refinement is None and refinement is None
     return model
 
 
@@ -58,20 +60,20 @@ def test_refinement_runs_in_sampling_and_is_reproducible(node, patching, tiny):
         model = tiny.sd15_unet(seed=3)
         refining = patched(node, patching, model, clip, refine_masks=True)
         refined = sample(refining, tiny)
-        technique = technique_of(patching, refining)
-        first_run = (list(technique.refinements), technique.refined.clone(), set(technique.recorder.steps))
+        refinement = technique_of(patching, refining, "bounded_mask_refinement")
+        first_run = (list(refinement.refinements), refinement.refined.clone(), set(refinement.steps))
         again = sample(refining, tiny)
         boxes_only = sample(patched(node, patching, model, clip, refine_masks=False), tiny)
 
     steps, regions, recorded = first_run
     assert steps == [2, 4]
     assert recorded == {0, 1, 2, 3}  # denoising steps up to the last rebuild
-    assert technique.refined_grid == (4, 4) and regions.shape == (1, 2, 16)
+    assert refinement.refined_grid == (4, 4) and regions.shape == (1, 2, 16)
     # Whether the clusters of this random-weight model differ from the boxes is chance (here they
     # coincide with them on the 4x4 grid), so the host test checks that refinement runs where it
     # should and is reproducible; test_bounded_refinement.py checks what it computes on planted maps.
     assert regions.dtype == torch.bool and regions[0].any(-1).all()  # every subject keeps a region
     assert torch.isfinite(refined).all() and torch.isfinite(boxes_only).all()
     # a second run starts from the boxes with a fresh record: same masks, same result
-    assert technique.refinements == [2, 4] and torch.equal(technique.refined, regions)
+    assert refinement.refinements == [2, 4] and torch.equal(refinement.refined, regions)
     assert torch.equal(again, refined)

@@ -10,12 +10,12 @@ from attention_lab.attention_patches import (
     sdpa_attention,
     split_heads,
 )
+from attention_lab.attention_patches.backend import attention_probabilities
 from attention_lab.attention_patches.recorder import (
     CROSS,
     SELF,
     AttentionRecorder,
     RecordSelection,
-    attention_probabilities,
     halved_grid,
     record_bytes,
 )
@@ -60,6 +60,19 @@ def test_probabilities_match_the_equation_with_a_mask():
     got = attention_probabilities(q, k, HEADS, mask[:, None]).mean(1)
     assert torch.allclose(got.double(), reference_probabilities(q, k, mask[:, None]), atol=1e-6)
     assert got[..., :5].abs().max() == 0 and torch.allclose(got.sum(-1), torch.ones(2, 16))
+
+
+def test_probabilities_take_every_mask_layout_and_carry_the_gradient():
+    q, k, _ = tensors(2)
+    q = q.clone().requires_grad_(True)
+    mask = torch.randn(2, 16, 16)
+    per_head = attention_probabilities(q, k, HEADS, mask)  # [B, Nq, Nk]: the same mask for every head
+    assert per_head.shape == (2, HEADS, 16, 16)
+    assert torch.equal(per_head, attention_probabilities(q, k, HEADS, mask[:, None]))
+    assert torch.equal(attention_probabilities(q, k, HEADS, mask[0])[0], per_head[0])  # [Nq, Nk]: every row
+    assert torch.allclose(per_head.mean(1).double(), reference_probabilities(q.detach(), k, mask[:, None]), atol=1e-6)
+    (grad,) = torch.autograd.grad(per_head[..., 0].sum(), q)
+    assert grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("layout", [(1, 0), (0, 1), (0,), (1, 0, 0)], ids=["uncond-cond", "cond-uncond", "cfg1", "two-conds"])

@@ -7,13 +7,11 @@ from attention_lab.attention_patches import AttentionRouter, sdpa_attention
 from attention_lab.attention_patches.recorder import CROSS, SELF, AttentionRecorder
 from attention_lab.attention_patches.segmentation import (
     BACKGROUND,
-    Word,
     describe_labels,
     first_component_auc,
     fold_repeated_context,
     kmeans_segments,
     label_segments,
-    merge_word_pieces,
     normalise_word_map,
     pca_rgb,
     place_labels,
@@ -24,6 +22,7 @@ from attention_lab.attention_patches.segmentation import (
     word_maps,
     word_masks,
 )
+from attention_lab.attention_patches.words import Word, merge_word_pieces
 
 GRID = (8, 8)
 # Four planted objects on an 8x8 grid: irregular shapes, not aligned to quadrants.
