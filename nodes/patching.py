@@ -39,6 +39,7 @@ def model_family(model) -> str:
 
 
 DIT_WRAPPER_KEY = "attention_lab.dit"
+DIT_NODES = "SharedAttentionStyleAlign"  # the nodes whose techniques run on Flux and SD3
 
 
 def router_family(model) -> str | None:
@@ -85,7 +86,7 @@ def unet_layers(model, node: str = "this node") -> list[tuple[str, int, int]]:
     if blocks[0][1] is None or blocks[2][1] is None:
         raise UnsupportedModelError(
             f"{node}: the model is {model_family(model)}, which has no UNet attention blocks; "
-            "Attention Lab supports SD1.x, SD2.x and SDXL UNet models"
+            f"{node} supports SD1.x, SD2.x and SDXL UNet models (on Flux and SD3: {DIT_NODES})"
         )
     layers = []
     for name, modules in blocks:
@@ -160,6 +161,7 @@ def attach_router(model, node: str = "this node", families=("unet",)) -> Attenti
         name = FAMILY_NAMES.get(family, model_family(model))
         raise UnsupportedModelError(
             f"{node}: the model is {name}; {node} supports {family_names(families)} models"
+            + ("" if "flux" in families else f" (on Flux and SD3: {DIT_NODES})")
         )
     if family in DIT_FAMILIES:
         return attach_dit_router(model, family, node)
