@@ -135,6 +135,8 @@ class DitAttentionOverride:
 
         if split:
             q, k, v = (_merge(x) for x in (q, k, v))
+        else:  # SD3 hands v over as [B, N, H, d]
+            q, k, v = (x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v))
         out = router.route((call.layer, True), call, base, q, k, v, mask)
         return _split(out, heads) if split_out else out
 

@@ -52,7 +52,8 @@ from ..attention_patches.style_aligned import (
     zero_reference_control,
 )
 from .inversion import INVERSION
-from .patching import attach_router, model_family, router_of
+from .patching import attach_router, model_family, router_family, router_of
+from .style_aligned_dit import DIT_BLOCK_CHOICES, apply_dit_style_aligned, check_dit_inputs
 
 log = logging.getLogger("attention_lab")
 
@@ -252,7 +253,8 @@ class SharedAttentionStyleAlign(io.ComfyNode):
                 "per image (e.g. '<object>, <style>'). Patches a clone of MODEL; bypass the node to undo it."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x, SD2.x or SDXL model to patch (a clone is patched)."),
+                io.Model.Input("model", tooltip="The SD1.x, SD2.x, SDXL, Flux or SD3 model to patch (a clone is "
+                                                "patched)."),
                 io.Int.Input(
                     "reference_index", default=0, min=0, max=4095,
                     tooltip="Which image of the latent batch is the style reference (0 = the first). The "
@@ -328,7 +330,15 @@ class SharedAttentionStyleAlign(io.ComfyNode):
                     "reference_gets_control", default=False,
                     tooltip="Off (the paper): the reference image gets no ControlNet / T2I-Adapter residuals, so it "
                             "keeps its own layout while the other images follow the control. On: the reference "
-                            "keeps the control ComfyUI computed for it (e.g. a hint batch with its own hint).",
+                            "keeps the control ComfyUI computed for it (e.g. a hint batch with its own hint). UNet "
+                            "models only: on Flux and SD3 every image, the reference too, gets its control.",
+                ),
+                io.Combo.Input(
+                    "dit_blocks", options=DIT_BLOCK_CHOICES, default="auto", optional=True,
+                    tooltip="Flux and SD3 only: which transformer blocks share. 'auto': on Flux the single-stream "
+                            "blocks, as the Flux StyleAligned implementations do; on SD3 every joint block (it has "
+                            "no others). 'single', 'double' or 'all' choose explicitly. only_self_level and the "
+                            "step range apply within them.",
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The model with StyleAligned shared attention.")],
@@ -337,7 +347,11 @@ class SharedAttentionStyleAlign(io.ComfyNode):
     @classmethod
     def execute(cls, model, reference_index, share_with, shared_score_scale, shared_score_shift, adain_queries,
                 adain_keys, adain_values, share_group_norm, full_attention_share, only_self_level, blocks,
-                start_percent, end_percent, reference_gets_control) -> io.NodeOutput:
+                start_percent, end_percent, reference_gets_control, dit_blocks="auto") -> io.NodeOutput:
+        family = router_family(model)
+        if family in ("flux", "sd3"):
+            check_dit_inputs(family, blocks, share_group_norm)
+            blocks = "all"
         settings = StyleAlignedSettings(
             reference_index=reference_index,
             share_with=parse_image_list(share_with, "share_with"),
@@ -351,6 +365,8 @@ class SharedAttentionStyleAlign(io.ComfyNode):
             start_percent=start_percent,
             end_percent=end_percent,
         )
+        if family in ("flux", "sd3"):
+            return io.NodeOutput(apply_dit_style_aligned(model, family, settings, dit_blocks, only_self_level))
         patched = apply_style_aligned(model, settings, resolve_group_norm(share_group_norm, model),
                                       reference_gets_control)
         return io.NodeOutput(patched)

@@ -52,6 +52,7 @@ def counting(base, families=frozenset({"flux", "sd3"})):
 
     class Count(base):
         def __call__(self, q, k, v, call, attend, mask=None):
+            assert q.shape == k.shape == v.shape and q.ndim == 3  # [B, N, heads·dim] whatever the family's layout
             calls.append((call, tuple(q.shape), tuple(k.shape)))
             return attend(q, k, v, mask)
 

@@ -1,0 +1,125 @@
+"""SharedAttentionStyleAlign on tiny Flux and SD3 models inside real ComfyUI sampling."""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from test_dit_style_aligned import joint_equation
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def node(pack):
+    return importlib.import_module(pack.__name__ + ".nodes.style_aligned")
+
+
+@pytest.fixture(scope="module")
+def tiny_dit(host):
+    import tiny_dit
+
+    return tiny_dit
+
+
+@pytest.fixture(scope="module", params=["flux", "sd3"])
+def family(request, tiny_dit):
+    name = request.param
+    model = tiny_dit.flux_model(seed=3) if name == "flux" else tiny_dit.sd3_model(seed=3)
+    positive, negative = tiny_dit.conds(seed=5, flux=name == "flux")
+    return name, model, positive, negative
+
+
+def sample(model, positive, negative, cfg, batch=3):
+    import comfy.sample
+
+    noise = torch.randn(batch, 16, 16, 16, generator=torch.Generator().manual_seed(11))
+    return comfy.sample.sample(model, noise, STEPS, cfg, "euler", "simple", positive, negative,
+                               torch.zeros_like(noise), seed=0, disable_pbar=True)
+
+
+def style_align(node, model, **overrides):
+    kwargs = dict(reference_index=0, share_with="all", shared_score_scale=1.0, shared_score_shift=0.0,
+                  adain_queries=True, adain_keys=True, adain_values=False, share_group_norm="auto",
+                  full_attention_share=False, only_self_level=0.0, blocks="all", start_percent=0.0,
+                  end_percent=1.0, reference_gets_control=False, dit_blocks="auto")
+    kwargs.update(overrides)
+    return node.SharedAttentionStyleAlign.execute(model, **kwargs).result[0]
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0], ids=["cfg1", "cfg3"])
+def test_reference_and_unlisted_images_unchanged(family, node, cfg):
+    name, model, positive, negative = family
+    plain = sample(model, positive, negative, cfg)
+    patched = style_align(node, model)
+    out = sample(patched, positive, negative, cfg)
+    assert (out[0] - plain[0]).abs().max() <= 1e-5  # the reference samples as without the node
+    for target in (1, 2):
+        assert (out[target] - plain[target]).abs().max() > 1e-2
+    only_one = sample(style_align(node, model, share_with="1"), positive, negative, cfg)
+    assert (only_one[2] - plain[2]).abs().max() <= 1e-5  # an image not in share_with samples unpatched
+    assert (only_one[1] - out[1]).abs().max() <= 1e-5  # and image 1 shares exactly as before
+
+
+def test_sharing_layers_and_the_equations_inside_the_model(family, node, pack):
+    """Captured at a sharing layer of the real model (Flux: post-RoPE q/k), the output is the joint-layout equation."""
+    name, model, positive, negative = family
+    options = dict(shared_score_scale=0.8, shared_score_shift=math.log(2))
+    patched = style_align(node, model, **options)
+    router = importlib.import_module(pack.__name__ + ".nodes.patching").router_of(patched)
+    technique = [t for t in router.techniques if t.name == "SharedAttentionStyleAlign"][0]
+    expected_layers = ({l for l in router.layers if l[0] == "single_block"} if name == "flux" else set(router.layers))
+    assert technique.layers == expected_layers
+    captured = []
+
+    class Capture(pack.attention_patches.AttentionTechnique):  # outermost: sees the call before StyleAligned
+        families = frozenset({"flux", "sd3"})
+        order = 0
+
+        def __call__(self, q, k, v, call, attend, mask=None):
+            out = attend(q, k, v, mask)
+            if tuple(call.layer) in technique.layers:
+                captured.append((call, q, k, v, out))
+            return out
+
+    router.add(Capture())
+    sample(patched, positive, negative, cfg=3.0)
+    assert len(captured) == len(technique.layers) * STEPS
+    settings = technique.settings.attention
+    for call, q, k, v, out in captured[:: max(1, len(captured) // 4)]:
+        layout = call.layout
+        for chunk in range(len(layout.cond_or_uncond)):
+            ref = layout.row(chunk, 0)
+            for image in (1, 2):
+                row = layout.row(chunk, image)
+                want = joint_equation(q, k, v, row, ref, settings, text=call.text_tokens, image=call.tokens,
+                                      heads=call.heads)
+                assert torch.allclose(out[row].double(), want, atol=1e-4), (call.layer, chunk, image)
+
+
+def test_dit_inputs_are_checked(family, node):
+    name, model, positive, negative = family
+    with pytest.raises(ValueError, match="SharedAttentionStyleAlign: blocks: 'output' names UNet blocks"):
+        style_align(node, model, blocks="output")
+    with pytest.raises(ValueError, match="SharedAttentionStyleAlign: share_group_norm: the model is"):
+        style_align(node, model, share_group_norm="on")
+    with pytest.raises(ValueError, match="full_attention_share is not offered on Flux and SD3"):
+        style_align(node, model, full_attention_share=True)
+    if name == "sd3":
+        with pytest.raises(ValueError, match="dit_blocks: 'single' selects no block of this sd3 model"):
+            style_align(node, model, dit_blocks="single")
+    patched = style_align(node, model, reference_index=5)
+    with pytest.raises(ValueError, match="reference_index is 5 but the batch has 3 image"):
+        sample(patched, positive, negative, cfg=1.0)
+
+
+def test_applying_twice_replaces_and_the_base_is_untouched(family, node, pack):
+    name, model, positive, negative = family
+    plain = sample(model, positive, negative, cfg=1.0)
+    once = style_align(node, model, dit_blocks="all")
+    twice = style_align(node, once, dit_blocks="double")
+    router = importlib.import_module(pack.__name__ + ".nodes.patching").router_of(twice)
+    shared = [t for t in router.techniques if t.name == "SharedAttentionStyleAlign"]
+    assert len(shared) == 1 and all(l[0] == "double_block" for l in shared[0].layers)
+    assert (sample(model, positive, negative, cfg=1.0) - plain).abs().max() == 0
