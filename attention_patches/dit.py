@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -40,10 +41,20 @@ from .router import AttentionRouter
 log = logging.getLogger("attention_lab")
 
 DIT_FAMILIES = ("flux", "sd3")
-#: transformer_options key: (block kind, block index, text tokens or None) of the running block
+#: transformer_options key: the `RunningBlock`
 BLOCK_KEY = "attention_lab.dit_block"
 #: transformer_options key: (latent height, latent width, prompt tokens or None) of the model call
 LATENT_KEY = "attention_lab.dit_latent"
+
+
+@dataclass
+class RunningBlock:
+    """The block a DiT is running, as its attention calls see it in transformer_options."""
+
+    kind: str
+    index: int
+    text_tokens: int | None  # double-stream blocks know it from their txt; single-stream ones do not
+    reached: bool = False  # set by our override: False after the block means another override cut us off
 
 
 class DitBlockPatch:
@@ -61,11 +72,17 @@ class DitBlockPatch:
     def __call__(self, args: dict, extra: dict):
         options = dict(args.get("transformer_options") or {})
         txt = args.get("txt")
-        options[BLOCK_KEY] = (self.block[0], self.block[1], None if txt is None else int(txt.shape[1]))
+        running = RunningBlock(self.block[0], self.block[1], None if txt is None else int(txt.shape[1]))
+        options[BLOCK_KEY] = running
         args = dict(args, transformer_options=options)
-        if self.previous is not None:
-            return self.previous(args, extra)
-        return extra["original_block"](args)
+        out = self.previous(args, extra) if self.previous is not None else extra["original_block"](args)
+        if not running.reached and self.router.techniques:
+            self.router._warn_once(
+                ("dit-override", self.block),
+                f"{self.block[0]} {self.block[1]}: Attention Lab's techniques did not run, because another node "
+                "replaced ComfyUI's attention override (optimized_attention_override) without calling the one "
+                "that was set before it; apply that node before Attention Lab's nodes, or remove it")
+        return out
 
     def __repr__(self):
         chained = f" -> {self.previous!r}" if self.previous is not None else ""
@@ -115,7 +132,10 @@ class DitAttentionOverride:
         options = kwargs.get("transformer_options") or {}
         running = options.get(BLOCK_KEY)
         router = self.router
-        if running is None or not router.techniques:
+        if running is None:
+            return self.attention(func, args, kwargs)
+        running.reached = True
+        if not router.techniques:
             return self.attention(func, args, kwargs)
         q, k, v = args[:3]
         heads = _heads_of(args, kwargs)
@@ -140,8 +160,9 @@ class DitAttentionOverride:
         out = router.route((call.layer, True), call, base, q, k, v, mask)
         return _split(out, heads) if split_out else out
 
-    def describe(self, running, q: torch.Tensor, heads: int, split: bool, options: dict) -> AttentionCall | None:
-        kind, index, block_text = running
+    def describe(self, running: RunningBlock, q: torch.Tensor, heads: int, split: bool,
+                 options: dict) -> AttentionCall | None:
+        kind, index, block_text = running.kind, running.index, running.text_tokens
         router = self.router
         tokens = q.shape[2] if split else q.shape[1]
         dim_head = q.shape[-1] if split else q.shape[-1] // heads

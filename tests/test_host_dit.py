@@ -172,7 +172,8 @@ def test_foreign_block_patch_before_us_runs(family, patching, pack):
     seen = []
 
     def foreign(args, extra):
-        seen.append(args["transformer_options"].get("attention_lab.dit_block"))
+        running = args["transformer_options"].get("attention_lab.dit_block")
+        seen.append((running.kind, running.index))
         return extra["original_block"](args)
 
     m = model.clone()
@@ -181,7 +182,7 @@ def test_foreign_block_patch_before_us_runs(family, patching, pack):
     technique, calls = counting(pack.attention_patches.AttentionTechnique)
     router.add(technique)
     out = sample(m, positive, negative)
-    assert len(seen) == STEPS and all(s[:2] == ("double_block", 0) for s in seen)  # ours ran first, then theirs
+    assert len(seen) == STEPS and all(s == ("double_block", 0) for s in seen)  # ours ran first, then theirs
     assert len(calls) == len(router.layers) * STEPS
     assert (out - reference).abs().max() <= 1e-6
 
@@ -214,3 +215,16 @@ def test_unet_only_nodes_refuse_dits_naming_node_and_family(tiny_dit, host):
     segment = importlib.import_module(host.pack.__name__ + ".nodes.segment")
     with pytest.raises(ValueError, match="AttentionRecorder.*Flux"):
         segment.AttentionRecorderNode.execute(tiny_dit.flux_model(seed=1), 1024, True, 0.0, 1.0)
+
+
+def test_an_override_that_cuts_us_off_is_reported(family, patching, pack, caplog):
+    name, model, positive, negative = family
+    m = model.clone()
+    router = patching.attach_router(m, families=("flux", "sd3"))
+    technique, calls = counting(pack.attention_patches.AttentionTechnique)
+    router.add(technique)
+    m.model_options["transformer_options"]["optimized_attention_override"] = ForeignOverride()  # does not chain
+    with caplog.at_level("WARNING", logger="attention_lab"):
+        sample(m, positive, negative)
+    assert not calls
+    assert "another node replaced ComfyUI's attention override" in caplog.text
