@@ -163,17 +163,20 @@ class StyleAlignedRun:
             self.check_memory(executor.class_obj.model_patcher, images, noise.shape[-2], noise.shape[-1])
         return executor(noise, *args, **kwargs)
 
+    def extra_bytes(self, model, images: int, height: int, width: int) -> int:
+        return patch_extra_bytes(model, self.technique, self.group_norm, images, height, width)
+
     def check_memory(self, model, images: int, height: int, width: int):
         import comfy.model_management
 
-        needed = patch_extra_bytes(model, self.technique, self.group_norm, images, height, width)
+        needed = self.extra_bytes(model, images, height, width)
         free = comfy.model_management.get_free_memory(model.load_device)
         if needed <= free:
             return
         low, high = 1, images  # the largest batch that fits lies in [low, high)
         while high - low > 1:
             middle = (low + high) // 2
-            if patch_extra_bytes(model, self.technique, self.group_norm, middle, height, width) <= free:
+            if self.extra_bytes(model, middle, height, width) <= free:
                 low = middle
             else:
                 high = middle

@@ -12,10 +12,14 @@ nothing) and `reference_gets_control` (ControlNet residuals reach every image on
 
 from __future__ import annotations
 
+import math
+
+import torch
+
 import comfy.patcher_extension
 
 from ..attention_patches.dit_style_aligned import DIT_BLOCK_CHOICES, DitStyleAligned, dit_sharing_layers
-from ..attention_patches.style_aligned import StyleAlignedSettings
+from ..attention_patches.style_aligned import StyleAlignedSettings, shared_attention_extra_bytes
 from .patching import attach_router
 
 __all__ = ["DIT_BLOCK_CHOICES", "apply_dit_style_aligned", "check_dit_inputs"]
@@ -35,11 +39,59 @@ def check_dit_inputs(family: str, blocks: str, share_group_norm: str) -> None:
                          "use 'auto' or 'off'")
 
 
+def dit_extra_bytes(model, technique: DitStyleAligned, images: int, height: int, width: int, text_tokens: int) -> int:
+    """What StyleAligned needs beyond unpatched sampling in one shared layer, for a CFG batch of `images`.
+
+    The shared slices of style_aligned.shared_attention over the joint sequence, plus the
+    copies this adapter makes of a whole layer's q/k/v (layout change, AdaIN'd q and k).
+    """
+    if not technique.layers:
+        return 0
+    settings = technique.settings
+    diffusion_model = model.model.diffusion_model
+    patch = diffusion_model.patch_size
+    tokens = text_tokens + math.ceil(height / patch) * math.ceil(width / patch)
+    channels = diffusion_model.hidden_size
+    itemsize = torch.empty((), dtype=model.model_dtype()).element_size()
+    rows = 2 * images
+    sharing = images - 1 if settings.share_with is None else len(set(settings.share_with) - {settings.reference_index})
+    copies = 5 * rows * tokens * channels * itemsize
+    return shared_attention_extra_bytes(rows, 2 * sharing, tokens, channels, itemsize, settings.attention,
+                                        False) + copies
+
+
+def prompt_tokens(guider) -> int:
+    """The longest prompt's token count among the guider's conds (0 when it cannot be read)."""
+    longest = 0
+    for conds in (getattr(guider, "conds", None) or {}).values():
+        for cond in conds or []:
+            cross_attn = cond.get("cross_attn") if isinstance(cond, dict) else None
+            if isinstance(cross_attn, torch.Tensor) and cross_attn.ndim == 3:
+                longest = max(longest, int(cross_attn.shape[1]))
+    return longest
+
+
+def _dit_run(technique: DitStyleAligned):
+    from .style_aligned import StyleAlignedRun  # the UNet node's module imports this one
+
+    class DitStyleAlignedRun(StyleAlignedRun):
+        """The UNet path's OUTER_SAMPLE check, with the DiT's memory estimate (it needs the prompt's length)."""
+
+        text_tokens = 0
+
+        def __call__(self, executor, noise, *args, **kwargs):
+            self.text_tokens = prompt_tokens(executor.class_obj)
+            return super().__call__(executor, noise, *args, **kwargs)
+
+        def extra_bytes(self, model, images, height, width):
+            return dit_extra_bytes(model, self.technique, images, height, width, self.text_tokens)
+
+    return DitStyleAlignedRun(technique, False)
+
+
 def apply_dit_style_aligned(model, family: str, settings: StyleAlignedSettings, dit_blocks: str,
                             only_self_level: float):
     """The patched clone. Applying the node again on its output replaces the earlier settings."""
-    from .style_aligned import StyleAlignedRun  # the UNet node's module imports this one
-
     if settings.attention.full_attention_share:
         raise ValueError(f"{NODE}: full_attention_share is not offered on Flux and SD3 (it would join the "
                          "images' text tokens too); turn it off")
@@ -51,5 +103,5 @@ def apply_dit_style_aligned(model, family: str, settings: StyleAlignedSettings, 
     technique = router.add(DitStyleAligned(settings, layers))
     outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
     patched.remove_wrappers_with_key(outer, RUN_WRAPPER_KEY)
-    patched.add_wrapper_with_key(outer, RUN_WRAPPER_KEY, StyleAlignedRun(technique, False))
+    patched.add_wrapper_with_key(outer, RUN_WRAPPER_KEY, _dit_run(technique))
     return patched

@@ -123,3 +123,21 @@ def test_applying_twice_replaces_and_the_base_is_untouched(family, node, pack):
     shared = [t for t in router.techniques if t.name == "SharedAttentionStyleAlign"]
     assert len(shared) == 1 and all(l[0] == "double_block" for l in shared[0].layers)
     assert (sample(model, positive, negative, cfg=1.0) - plain).abs().max() == 0
+
+
+def test_a_batch_whose_shared_attention_does_not_fit_is_refused_before_sampling(family, node, pack, monkeypatch):
+    import comfy.model_management
+
+    name, model, positive, negative = family
+    dit_nodes = importlib.import_module(pack.__name__ + ".nodes.style_aligned_dit")
+    patched = style_align(node, model)
+    router = importlib.import_module(pack.__name__ + ".nodes.patching").router_of(patched)
+    technique = [t for t in router.techniques if t.name == "SharedAttentionStyleAlign"][0]
+    text = positive[0][0].shape[1]
+    free = dit_nodes.dit_extra_bytes(patched, technique, 2, 16, 16, text)  # room for 2 images, not 3
+    assert dit_nodes.dit_extra_bytes(patched, technique, 3, 16, 16, text) > free
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *args, **kwargs: free)
+    with pytest.raises(ValueError, match=r"SharedAttentionStyleAlign: a latent batch of 3 images would need about .* "
+                                         r"at most 2 images fit: lower the latent batch_size to 2"):
+        sample(patched, positive, negative, cfg=3.0)
+    assert torch.isfinite(sample(patched, positive, negative, cfg=3.0, batch=2)).all()
