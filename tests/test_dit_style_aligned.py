@@ -95,6 +95,21 @@ def test_joint_layout_equals_the_equations(options, cond_or_uncond, reference, s
             assert torch.allclose(out[row].double(), expected, atol=1e-5), (chunk, image)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_inputs(dtype):
+    layout = ChunkLayout((1, 0), 3)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(6, N, HEADS * DIM, generator=g).to(dtype) for _ in range(3))
+    options = StyleAlignedOptions(shared_score_shift=math.log(2))
+    technique = DitStyleAligned(StyleAlignedSettings(attention=options), frozenset({("single_block", 0, 0)}))
+    out = technique(q, k, v, call_for(layout), attend)
+    assert out.dtype == dtype
+    for row in (1, 2, 4, 5):
+        reference = 0 if row < 3 else 3
+        expected = joint_equation(q.double(), k.double(), v.double(), row, reference, options)
+        assert torch.allclose(out[row].double(), expected, atol=3e-2), (row, (out[row].double() - expected).abs().max())
+
+
 def test_the_reference_text_is_not_shared():
     """A target sees the reference's image tokens only: the reference's text and further tokens do not reach it."""
     layout = ChunkLayout((0,), 2)

@@ -141,3 +141,21 @@ def test_a_batch_whose_shared_attention_does_not_fit_is_refused_before_sampling(
                                          r"at most 2 images fit: lower the latent batch_size to 2"):
         sample(patched, positive, negative, cfg=3.0)
     assert torch.isfinite(sample(patched, positive, negative, cfg=3.0, batch=2)).all()
+
+
+def test_half_precision_matches_float32(node, tiny_dit):
+    """fp16 sampling; bf16 is checked per attention call in test_dit_style_aligned.py (a random-weight model in
+    bf16 drifts from float32 by more than StyleAligned's effect within three steps)."""
+    dtype = torch.float16
+    positive, negative = tiny_dit.conds(seed=5, flux=True)
+    effects = {}
+    for run_dtype in (torch.float32, dtype):
+        model = tiny_dit.flux_model(seed=3, dtype=run_dtype)
+        plain = sample(model, positive, negative, cfg=1.0)
+        out = sample(style_align(node, model, shared_score_shift=math.log(2)), positive, negative, cfg=1.0)
+        assert torch.isfinite(out).all()
+        assert (out[0] - plain[0]).abs().max() <= 1e-2 * plain[0].abs().max()  # the reference, up to rounding
+        effects[run_dtype] = (out[1:] - plain[1:]).flatten()
+    # what StyleAligned does to the targets in half precision is what it does in float32
+    cosine = torch.nn.functional.cosine_similarity(effects[torch.float32], effects[dtype], dim=0)
+    assert cosine > 0.9, cosine
