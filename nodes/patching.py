@@ -39,7 +39,8 @@ def model_family(model) -> str:
 
 
 DIT_WRAPPER_KEY = "attention_lab.dit"
-DIT_NODES = "SharedAttentionStyleAlign"  # the nodes whose techniques run on Flux and SD3
+# the nodes whose techniques run on Flux and SD3
+DIT_NODES = "SharedAttentionStyleAlign, AttentionRecorder with SelfAttnSegment, CrossAttnHeatmap and SelfAttnPCA"
 
 
 def router_family(model) -> str | None:

@@ -213,8 +213,10 @@ def test_unsupported_family_is_named(family, patching, pack):
 
 def test_unet_only_nodes_refuse_dits_naming_node_and_family(tiny_dit, host):
     segment = importlib.import_module(host.pack.__name__ + ".nodes.segment")
-    with pytest.raises(ValueError, match="AttentionRecorder.*Flux"):
-        segment.AttentionRecorderNode.execute(tiny_dit.flux_model(seed=1), 1024, True, 0.0, 1.0)
+    positive, _ = tiny_dit.conds(seed=1)
+    latent = {"samples": torch.zeros(1, 16, 16, 16)}
+    with pytest.raises(ValueError, match="RecordAttentionPass: the model is Flux.*RecordAttentionPass supports SD1.x"):
+        segment.RecordAttentionPass.execute(tiny_dit.flux_model(seed=1), positive, latent, 0.5, 0, 0, False)
 
 
 def test_an_override_that_cuts_us_off_is_reported(family, patching, pack, caplog):
