@@ -474,6 +474,11 @@ def reference_conditioning(model, conditioning) -> tuple[torch.Tensor, torch.Ten
 
 
 def apply_reference_from_inversion(model, inversion, reference_positive, offset: int):
+    family = router_family(model)
+    if family in ("flux", "sd3"):
+        raise ValueError(f"{PHOTO_NODE}: model: the model is {model_family(model)}; style from a photo supports "
+                         "SD1.x, SD2.x and SDXL models (on Flux and SD3, SharedAttentionStyleAlign styles a batch "
+                         "after its first image)")
     if inversion.latents.shape[1] != 1:
         raise ValueError(f"{PHOTO_NODE}: inversion: expected the inversion of one image, got a batch of "
                          f"{inversion.latents.shape[1]}")

@@ -159,3 +159,11 @@ def test_half_precision_matches_float32(node, tiny_dit):
     # what StyleAligned does to the targets in half precision is what it does in float32
     cosine = torch.nn.functional.cosine_similarity(effects[torch.float32], effects[dtype], dim=0)
     assert cosine > 0.9, cosine
+
+
+def test_style_from_a_photo_refuses_dits_by_name(family, node):
+    name, model, positive, negative = family
+    patched = style_align(node, model)
+    with pytest.raises(ValueError, match="StyleAlignedReferenceFromInversion: model: the model is (Flux|SD3); style "
+                                         "from a photo supports SD1.x"):
+        node.apply_reference_from_inversion(patched, None, positive, 5)
