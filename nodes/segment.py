@@ -317,7 +317,7 @@ class AttentionRecorderNode(io.ComfyNode):
                 io.Boolean.Input(
                     "include_middle", default=False,
                     tooltip="Also record the middle block. The paper averages the encoder (down) and decoder (up) blocks "
-                            "only. UNet models: Flux and SD3 have no middle block, and every block is recorded.",
+                            "only. On Flux and SD3 (no middle block) every block is recorded.",
                 ),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="First recorded step, as a fraction of the schedule (the paper: every step)."),

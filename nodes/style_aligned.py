@@ -319,7 +319,8 @@ class SharedAttentionStyleAlign(io.ComfyNode):
                 io.Combo.Input(
                     "blocks", options=BLOCK_CHOICES, default="all",
                     tooltip="UNet blocks whose self-attention (and GroupNorm, when shared) is shared: 'all' as "
-                            "in the paper, or only the encoder (input), middle or decoder (output) blocks.",
+                            "in the paper, or only the encoder (input), middle or decoder (output) blocks. UNet "
+                            "models; on Flux and SD3 leave it at 'all' and use dit_blocks.",
                 ),
                 io.Float.Input(
                     "start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
