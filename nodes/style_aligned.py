@@ -334,8 +334,7 @@ class SharedAttentionStyleAlign(io.ComfyNode):
                     "reference_gets_control", default=False,
                     tooltip="Off (the paper): the reference image gets no ControlNet / T2I-Adapter residuals, so it "
                             "keeps its own layout while the other images follow the control. On: the reference "
-                            "keeps the control ComfyUI computed for it (e.g. a hint batch with its own hint). UNet "
-                            "models only: on Flux and SD3 every image, the reference too, gets its control.",
+                            "keeps the control ComfyUI computed for it (e.g. a hint batch with its own hint).",
                 ),
                 io.Combo.Input(
                     "dit_blocks", options=DIT_BLOCK_CHOICES, default="auto", optional=True,
@@ -370,7 +369,8 @@ class SharedAttentionStyleAlign(io.ComfyNode):
             end_percent=end_percent,
         )
         if family in ("flux", "sd3"):
-            return io.NodeOutput(apply_dit_style_aligned(model, family, settings, dit_blocks, only_self_level))
+            return io.NodeOutput(apply_dit_style_aligned(model, family, settings, dit_blocks, only_self_level,
+                                                         reference_gets_control))
         patched = apply_style_aligned(model, settings, resolve_group_norm(share_group_norm, model),
                                       reference_gets_control)
         return io.NodeOutput(patched)

@@ -2,12 +2,13 @@
 
 What the patch puts on the node's own clone: the router's DiT hooks (block replace patches,
 the chained attention override, the latent wrapper; nodes/patching.py), the DitStyleAligned
-technique on the router, and the OUTER_SAMPLE check of reference_index / share_with against
-the latent batch that the UNet path uses too.
+technique on the router, the OUTER_SAMPLE check of reference_index / share_with (and memory)
+against the latent batch, and, unless reference_gets_control, an APPLY_MODEL wrapper that
+zeroes the reference rows of the ControlNet residuals (ComfyUI hands apply_model the
+residuals already computed, so one wrapper serves Flux and SD3).
 
-UNet-only inputs: `blocks` (UNet input/middle/output; DiTs take `dit_blocks`), shared
-GroupNorm (a DiT has none: LayerNorm/RMSNorm are per token, so sharing them changes
-nothing) and `reference_gets_control` (ControlNet residuals reach every image on a DiT).
+UNet-only inputs: `blocks` (UNet input/middle/output; DiTs take `dit_blocks`) and shared
+GroupNorm (a DiT has none: LayerNorm/RMSNorm are per token, so sharing them changes nothing).
 """
 
 from __future__ import annotations
@@ -19,13 +20,35 @@ import torch
 import comfy.patcher_extension
 
 from ..attention_patches.dit_style_aligned import DIT_BLOCK_CHOICES, DitStyleAligned, dit_sharing_layers
-from ..attention_patches.style_aligned import StyleAlignedSettings, shared_attention_extra_bytes
+from ..attention_patches.call import ChunkLayout
+from ..attention_patches.style_aligned import (
+    StyleAlignedSettings,
+    shared_attention_extra_bytes,
+    zero_reference_control,
+)
 from .patching import attach_router
 
 __all__ = ["DIT_BLOCK_CHOICES", "apply_dit_style_aligned", "check_dit_inputs"]
 
 NODE = "SharedAttentionStyleAlign"
 RUN_WRAPPER_KEY = "attention_lab.style_aligned.run"
+CONTROL_WRAPPER_KEY = "attention_lab.style_aligned.dit_control"
+
+
+class ReferenceWithoutControl:
+    """APPLY_MODEL wrapper: the reference image gets no ControlNet residuals (the paper's choice)."""
+
+    def __init__(self, technique: DitStyleAligned):
+        self.technique = technique
+
+    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        layout = ChunkLayout.of(x.shape[0], transformer_options.get("cond_or_uncond"))
+        if control and layout.images > 1:
+            control = zero_reference_control(control, self.technique.settings.groups(layout), x.shape[0])
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 def check_dit_inputs(family: str, blocks: str, share_group_norm: str) -> None:
@@ -90,7 +113,7 @@ def _dit_run(technique: DitStyleAligned):
 
 
 def apply_dit_style_aligned(model, family: str, settings: StyleAlignedSettings, dit_blocks: str,
-                            only_self_level: float):
+                            only_self_level: float, reference_control: bool = False):
     """The patched clone. Applying the node again on its output replaces the earlier settings."""
     if settings.attention.full_attention_share:
         raise ValueError(f"{NODE}: full_attention_share is not offered on Flux and SD3 (it would join the "
@@ -104,4 +127,8 @@ def apply_dit_style_aligned(model, family: str, settings: StyleAlignedSettings, 
     outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
     patched.remove_wrappers_with_key(outer, RUN_WRAPPER_KEY)
     patched.add_wrapper_with_key(outer, RUN_WRAPPER_KEY, _dit_run(technique))
+    apply = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    patched.remove_wrappers_with_key(apply, CONTROL_WRAPPER_KEY)
+    if not reference_control:
+        patched.add_wrapper_with_key(apply, CONTROL_WRAPPER_KEY, ReferenceWithoutControl(technique))
     return patched

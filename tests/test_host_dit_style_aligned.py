@@ -167,3 +167,28 @@ def test_style_from_a_photo_refuses_dits_by_name(family, node):
     with pytest.raises(ValueError, match="StyleAlignedReferenceFromInversion: model: the model is (Flux|SD3); style "
                                          "from a photo supports SD1.x"):
         node.apply_reference_from_inversion(patched, None, positive, 5)
+
+
+def test_the_reference_gets_no_controlnet_residuals_unless_asked(family, node, pack):
+    """ComfyUI hands apply_model the residuals already computed: the reference rows of each chunk are zeroed."""
+    name, model, positive, negative = family
+    dit_nodes = importlib.import_module(pack.__name__ + ".nodes.style_aligned_dit")
+    patched = style_align(node, model, reference_index=1)
+    import comfy.patcher_extension
+
+    wrappers = patched.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, dit_nodes.CONTROL_WRAPPER_KEY)
+    assert len(wrappers) == 1
+    seen = {}
+
+    def executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        seen["control"] = control
+        return x
+
+    residual = torch.ones(6, 64, 8)  # [uncond×3, cond×3] rows of a Flux-style residual
+    control = {"input": [residual, None], "output": [residual]}
+    wrappers[0](executor, torch.zeros(6, 16, 16, 16), None, None, None, control, {"cond_or_uncond": [1, 0]})
+    for out in (seen["control"]["input"][0], seen["control"]["output"][0]):
+        assert out[[1, 4]].abs().max() == 0 and (out[[0, 2, 3, 5]] == 1).all()
+    assert seen["control"]["input"][1] is None and (residual == 1).all()  # new tensors, the given ones untouched
+    keeps = style_align(node, model, reference_gets_control=True)
+    assert not keeps.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, dit_nodes.CONTROL_WRAPPER_KEY)
