@@ -14,7 +14,8 @@ from .schedule import step_index
 
 Layer = tuple  # (block_name, block_id, block_index), ComfyUI's replace-patch key
 
-_BLOCK_ORDER = {"input": 0, "middle": 1, "output": 2}
+# UNet blocks, then a DiT's blocks (Flux runs its double-stream blocks before its single-stream ones).
+_BLOCK_ORDER = {"input": 0, "middle": 1, "output": 2, "double_block": 3, "single_block": 4}
 
 
 def execution_order(layers: Sequence[Layer]) -> list[Layer]:
@@ -82,10 +83,22 @@ class AttentionCall:
     sigma: float | None
     layout: ChunkLayout
     options: dict = field(repr=False)
+    # The model family ("unet", "flux", "sd3"). In a DiT's joint attention the sequence is
+    # [text_tokens text tokens | height×width image tokens | any further tokens (e.g. Flux
+    # Kontext's reference images)]; on a UNet, text_tokens is 0 and the sequence is the image.
+    family: str = "unet"
+    text_tokens: int = 0
+    joint: bool = False
 
     @property
     def tokens(self) -> int:
+        """Image tokens of this call (the latent's token grid)."""
         return self.height * self.width
+
+    @property
+    def image_tokens(self) -> slice:
+        """Where the image grid's tokens sit in the sequence."""
+        return slice(self.text_tokens, self.text_tokens + self.tokens)
 
     @property
     def progress(self) -> float | None:

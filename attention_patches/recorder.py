@@ -176,7 +176,8 @@ class AttentionRecorder(AttentionTechnique):
             self._record(q, k, call, rows, mask)
         return attend(q, k, v, mask)
 
-    def _record(self, q, k, call: AttentionCall, rows: list[int], mask) -> None:
+    def _record(self, q, k, call: AttentionCall, rows: list[int], mask, kind: str | None = None) -> None:
+        """Add the call's maps into the sums; `kind` overrides self/cross (a DiT's joint call gives both)."""
         batch = q.shape[0]
         index = torch.tensor(rows, device=q.device)
         q, k = q.index_select(0, index), k.index_select(0, index)
@@ -184,7 +185,7 @@ class AttentionRecorder(AttentionTechnique):
             mask = mask_4d(mask)
             if mask.shape[0] == batch and batch > 1:  # a per-row mask: keep the recorded rows
                 mask = mask.index_select(0, index.to(mask.device))
-        kind = SELF if call.is_self else CROSS
+        kind = kind or (SELF if call.is_self else CROSS)
         grid = (call.height, call.width)
         images, queries, keys = call.layout.images, q.shape[1], k.shape[1]
         total = self._sum_for(kind, grid, images, queries, keys, q.device)

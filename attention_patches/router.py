@@ -35,11 +35,14 @@ class AttentionTechnique:
     techniques further out (None if none), and `attend(q, k, v, mask)`, the rest
     of the chain; it returns the attention output in q's layout. A technique may
     change q/k/v, add its own mask (`combine_masks`), or post-process the result.
-    Lower `order` runs first (outermost).
+    Lower `order` runs first (outermost). `families` are the model families
+    ("unet", "flux", "sd3") whose attention the technique understands; registering
+    it on a router of another family is refused (`UnsupportedFamilyError`).
     """
 
     name = "technique"
     order = 100
+    families: frozenset[str] = frozenset({"unet"})
 
     def wants(self, call: AttentionCall) -> bool:
         return True
@@ -74,10 +77,27 @@ class LayerPatch:
         return f"LayerPatch({kind} {self.layer}{chained})"
 
 
-class AttentionRouter:
-    """Dispatches every attention call of a patched model to its techniques."""
+class UnsupportedFamilyError(ValueError):
+    pass
 
-    def __init__(self, layers: Sequence[Layer], attention: Callable = sdpa_attention):
+
+FAMILY_NAMES = {"unet": "SD1.x/SD2.x/SDXL UNet", "flux": "Flux", "sd3": "SD3"}
+
+
+def family_names(families: Iterable[str]) -> str:
+    return ", ".join(FAMILY_NAMES.get(f, f) for f in sorted(families))
+
+
+class AttentionRouter:
+    """Dispatches every attention call of a patched model to its techniques.
+
+    `family` is the architecture whose attention it routes: "unet" (replace patches
+    per layer, `LayerPatch`) or a DiT ("flux", "sd3": attention_patches/dit.py feeds
+    the same `route` from ComfyUI's attention override).
+    """
+
+    def __init__(self, layers: Sequence[Layer], attention: Callable = sdpa_attention, family: str = "unet"):
+        self.family = family
         self.layers = execution_order(layers)
         self.ordinal = {layer: i for i, layer in enumerate(self.layers)}
         self.attention = attention
@@ -89,6 +109,7 @@ class AttentionRouter:
     def __deepcopy__(self, memo):
         clone = AttentionRouter.__new__(AttentionRouter)
         memo[id(self)] = clone
+        clone.family = self.family
         clone.layers = self.layers
         clone.ordinal = self.ordinal
         clone.attention = self.attention
@@ -101,7 +122,15 @@ class AttentionRouter:
     # -- registration -------------------------------------------------------
 
     def add(self, technique: AttentionTechnique) -> AttentionTechnique:
-        """Register a technique; techniques run in (order, registration) order."""
+        """Register a technique; techniques run in (order, registration) order.
+
+        Raises UnsupportedFamilyError when the technique does not support this model family.
+        """
+        if self.family not in technique.families:
+            raise UnsupportedFamilyError(
+                f"{technique.name}: the model is {FAMILY_NAMES.get(self.family, self.family)}, and {technique.name} "
+                f"supports {family_names(technique.families)} models only"
+            )
         self.techniques.append(technique)
         self.techniques.sort(key=lambda t: t.order)  # stable: ties keep registration order
         return technique
@@ -123,7 +152,12 @@ class AttentionRouter:
         # (ours -> theirs -> ours) must not run our techniques twice.
         if not self.techniques or key in self._running:
             return base(q, k, v, mask)
-        call = self.describe(patch, q, options)
+        return self.route(key, self.describe(patch, q, options), base, q, k, v, mask)
+
+    def route(self, key, call: AttentionCall, base: Attend, q, k, v, mask=None) -> torch.Tensor:
+        """Run the techniques that want `call`, ending at `base`; `key` guards against re-entry."""
+        if key in self._running:
+            return base(q, k, v, mask)
         active = [t for t in self.techniques if t.wants(call)]
         if not active:
             return base(q, k, v, mask)
@@ -207,6 +241,10 @@ def find_router(replace_patches: dict) -> AttentionRouter | None:
         for patch in replace_patches.get(kind, {}).values():
             if isinstance(patch, LayerPatch):
                 return patch.router
+    for patch in replace_patches.get("dit", {}).values():  # a DiT's block patches (attention_patches/dit.py)
+        router = getattr(patch, "router", None)
+        if isinstance(router, AttentionRouter):
+            return router
     return None
 
 

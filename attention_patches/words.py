@@ -71,6 +71,25 @@ def merge_word_pieces(pieces: list[tuple[int, str]]) -> list[Word]:
     return words
 
 
+def merge_sentencepiece(pieces: list[tuple[int, str]]) -> list[Word]:
+    """Words from SentencePiece pieces `(position, piece)`: a piece starting with `▁` starts a word."""
+    words, text, positions = [], "", []
+
+    def flush():
+        if positions and re.search(r"\w", text):
+            words.append(Word(text.lower(), tuple(positions)))
+
+    for position, piece in pieces:
+        if piece.startswith("▁"):
+            flush()
+            text, positions = "", []
+            piece = piece[1:]
+        text += piece
+        positions.append(position)
+    flush()
+    return words
+
+
 def missing_words(words: Sequence[Word], entry: str) -> list[str]:
     """The words of `entry` (split at non-word characters, lower case) that are not among `words`."""
     present = {w.text for w in words}

@@ -168,4 +168,17 @@ class WorkflowError(RuntimeError):
     pass
 
 
+CHECKPOINT_LOADERS = ("CheckpointLoaderSimple", "UNETLoader")
+
+
+def needs_checkpoint(path: Path) -> bool:
+    """Whether an example loads a user's checkpoint instead of the demo model (e.g. the Flux and SD3 ones).
+
+    Those have no demo-model run: the suite runs them with tiny random models swapped in for
+    the loader (tests/test_host_dit_examples.py), and they have no preview picture.
+    """
+    workflow = json.loads(Path(path).read_text())
+    return any(node.get("type") in CHECKPOINT_LOADERS for node in workflow.get("nodes", []))
+
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ui_to_api sits beside this file

@@ -75,7 +75,7 @@ def render(host: headless.Host, workflows: list[Path], out: Path, width: int = 5
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("workflows", nargs="*", type=Path, help="workflow JSON files (default: every examples/*.json)")
+    parser.add_argument("workflows", nargs="*", type=Path, help="workflow JSON files (default: every examples/*.json that runs on the demo model)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"folder for the previews (default: {DEFAULT_OUT})")
     parser.add_argument("--width", type=int, default=512, help="largest preview width in pixels (default: 512)")
     args = parser.parse_args(argv)
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     # the workflows' own saved images go to a scratch folder: only the previews are kept
     with tempfile.TemporaryDirectory(prefix="attention_lab_previews_") as scratch:
         host = headless.Host(root, output_dir=Path(scratch))
-        render(host, args.workflows or sorted(EXAMPLES.glob("*.json")), args.out, args.width)
+        demo = [p for p in sorted(EXAMPLES.glob("*.json")) if not headless.needs_checkpoint(p)]
+        render(host, args.workflows or demo, args.out, args.width)
     return 0
 
 

@@ -40,8 +40,10 @@ from ..attention_patches.segmentation import (
     word_maps,
     word_masks,
 )
-from .patching import attach_router, layer_downsampling
-from .tokens import prompt_words
+from ..attention_patches.dit_recorder import DitAttentionRecorder
+from .attention_maps_dit import add_dit_recorder
+from .patching import attach_router, layer_downsampling, router_family
+from .tokens import dit_prompt_words, prompt_words
 
 AttentionRecord = io.Custom("ATTENTION_RECORD")
 
@@ -157,6 +159,13 @@ def record_selection(max_resolution: int, include_middle: bool, node: str, start
         raise _named(node, error) from error
 
 
+def record_prompt_words(record: AttentionRecorder, clip, text: str, node: str):
+    """prompt_words for the model the record was made on (Flux and SD3: their T5/CLIP layout)."""
+    if isinstance(record, DitAttentionRecorder):
+        return dit_prompt_words(clip, text, record.family, node)
+    return prompt_words(clip, text, node)
+
+
 def _named(node: str, error: ValueError) -> ValueError:
     """The error, prefixed with the node's name so the user sees which node to fix."""
     return ValueError(str(error) if str(error).startswith(node) else f"{node}: {error}")
@@ -269,11 +278,14 @@ class AttentionRecorderNode(io.ComfyNode):
                 "record to SelfAttnSegment, CrossAttnHeatmap or SelfAttnPCA together with the sampler's LATENT."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The model to sample with (SD1.x, SD2.x, SDXL)."),
+                io.Model.Input("model", tooltip="The model to sample with (SD1.x, SD2.x, SDXL; Flux and SD3: every "
+                                                "joint block at the model's one token grid, image queries to image "
+                                                "and to text keys)."),
                 io.Int.Input("max_resolution", default=0, min=0, max=256, tooltip=MAX_RESOLUTION_TOOLTIP),
                 io.Boolean.Input(
                     "include_middle", default=False,
-                    tooltip="Also record the middle block. The paper averages the encoder (down) and decoder (up) blocks only.",
+                    tooltip="Also record the middle block. The paper averages the encoder (down) and decoder (up) blocks "
+                            "only. On Flux and SD3 (no middle block) every block is recorded.",
                 ),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="First recorded step, as a fraction of the schedule (the paper: every step)."),
@@ -288,6 +300,13 @@ class AttentionRecorderNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, max_resolution, include_middle, start_percent, end_percent) -> io.NodeOutput:
+        family = router_family(model)
+        if family in ("flux", "sd3"):  # include_middle names a UNet block: a DiT records every block
+            patched, recorder, halvings = add_dit_recorder(model, family, max_resolution, start_percent,
+                                                           end_percent, "AttentionRecorder")
+            run = RecordingRun(recorder, halvings, "AttentionRecorder")
+            patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_KEY, run)
+            return io.NodeOutput(patched, recorder)
         halvings = layer_downsampling(model, "AttentionRecorder")
         selection = record_selection(max_resolution, include_middle, "AttentionRecorder", start_percent, end_percent,
                                      halvings)
@@ -394,7 +413,7 @@ class SelfAttnSegment(io.ComfyNode):
         node = "SelfAttnSegment"
         check_record(record, latent, node)
         try:
-            prompt, prompt_tokens = prompt_words(clip, text, node)
+            prompt, prompt_tokens = record_prompt_words(record, clip, text, node)
             chosen = select_words(prompt, words)
         except ValueError as error:
             raise _named(node, error) from error
@@ -453,7 +472,7 @@ class CrossAttnHeatmap(io.ComfyNode):
         node = "CrossAttnHeatmap"
         check_record(record, latent, node)
         try:
-            prompt, prompt_tokens = prompt_words(clip, text, node)
+            prompt, prompt_tokens = record_prompt_words(record, clip, text, node)
             chosen = select_words(prompt, words)
             grid, cross_maps = recorded_maps(record, CROSS, resolution, node)
             cross_maps = fold_repeated_context(cross_maps, prompt_tokens)

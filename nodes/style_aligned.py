@@ -51,7 +51,8 @@ from ..attention_patches.style_aligned import (
 )
 from ..attention_patches.style_reference import ReferenceTrajectory
 from .inversion import INVERSION
-from .patching import attach_router, model_family, router_of
+from .patching import attach_router, model_family, router_family, router_of
+from .style_aligned_dit import DIT_BLOCK_CHOICES, apply_dit_style_aligned, check_dit_inputs
 
 log = logging.getLogger("attention_lab")
 
@@ -161,17 +162,20 @@ class StyleAlignedRun:
             self.check_memory(executor.class_obj.model_patcher, images, noise.shape[-2], noise.shape[-1])
         return executor(noise, *args, **kwargs)
 
+    def extra_bytes(self, model, images: int, height: int, width: int) -> int:
+        return patch_extra_bytes(model, self.technique, self.group_norm, images, height, width)
+
     def check_memory(self, model, images: int, height: int, width: int):
         import comfy.model_management
 
-        needed = patch_extra_bytes(model, self.technique, self.group_norm, images, height, width)
+        needed = self.extra_bytes(model, images, height, width)
         free = comfy.model_management.get_free_memory(model.load_device)
         if needed <= free:
             return
         low, high = 1, images  # the largest batch that fits lies in [low, high)
         while high - low > 1:
             middle = (low + high) // 2
-            if patch_extra_bytes(model, self.technique, self.group_norm, middle, height, width) <= free:
+            if self.extra_bytes(model, middle, height, width) <= free:
                 low = middle
             else:
                 high = middle
@@ -251,7 +255,8 @@ class SharedAttentionStyleAlign(io.ComfyNode):
                 "per image (e.g. '<object>, <style>'). Patches a clone of MODEL; bypass the node to undo it."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x, SD2.x or SDXL model to patch (a clone is patched)."),
+                io.Model.Input("model", tooltip="The SD1.x, SD2.x, SDXL, Flux or SD3 model to patch (a clone is "
+                                                "patched)."),
                 io.Int.Input(
                     "reference_index", default=0, min=0, max=4095,
                     tooltip="Which image of the latent batch is the style reference (0 = the first). The "
@@ -313,7 +318,8 @@ class SharedAttentionStyleAlign(io.ComfyNode):
                 io.Combo.Input(
                     "blocks", options=BLOCK_CHOICES, default="all",
                     tooltip="UNet blocks whose self-attention (and GroupNorm, when shared) is shared: 'all' as "
-                            "in the paper, or only the encoder (input), middle or decoder (output) blocks.",
+                            "in the paper, or only the encoder (input), middle or decoder (output) blocks. UNet "
+                            "models; on Flux and SD3 leave it at 'all' and use dit_blocks.",
                 ),
                 io.Float.Input(
                     "start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
@@ -329,6 +335,13 @@ class SharedAttentionStyleAlign(io.ComfyNode):
                             "keeps its own layout while the other images follow the control. On: the reference "
                             "keeps the control ComfyUI computed for it (e.g. a hint batch with its own hint).",
                 ),
+                io.Combo.Input(
+                    "dit_blocks", options=DIT_BLOCK_CHOICES, default="auto", optional=True,
+                    tooltip="Flux and SD3 only: which transformer blocks share. 'auto': on Flux the single-stream "
+                            "blocks, as the Flux StyleAligned implementations do; on SD3 every joint block (it has "
+                            "no others). 'single', 'double' or 'all' choose explicitly. only_self_level and the "
+                            "step range apply within them.",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="The model with StyleAligned shared attention.")],
         )
@@ -336,7 +349,11 @@ class SharedAttentionStyleAlign(io.ComfyNode):
     @classmethod
     def execute(cls, model, reference_index, share_with, shared_score_scale, shared_score_shift, adain_queries,
                 adain_keys, adain_values, share_group_norm, full_attention_share, only_self_level, blocks,
-                start_percent, end_percent, reference_gets_control) -> io.NodeOutput:
+                start_percent, end_percent, reference_gets_control, dit_blocks="auto") -> io.NodeOutput:
+        family = router_family(model)
+        if family in ("flux", "sd3"):
+            check_dit_inputs(family, blocks, share_group_norm)
+            blocks = "all"
         settings = StyleAlignedSettings(
             reference_index=reference_index,
             share_with=parse_image_list(share_with, "share_with"),
@@ -350,6 +367,9 @@ class SharedAttentionStyleAlign(io.ComfyNode):
             start_percent=start_percent,
             end_percent=end_percent,
         )
+        if family in ("flux", "sd3"):
+            return io.NodeOutput(apply_dit_style_aligned(model, family, settings, dit_blocks, only_self_level,
+                                                         reference_gets_control))
         patched = apply_style_aligned(model, settings, resolve_group_norm(share_group_norm, model),
                                       reference_gets_control)
         return io.NodeOutput(patched)
@@ -454,6 +474,11 @@ def reference_conditioning(model, conditioning) -> tuple[torch.Tensor, torch.Ten
 
 
 def apply_reference_from_inversion(model, inversion, reference_positive, offset: int):
+    family = router_family(model)
+    if family in ("flux", "sd3"):
+        raise ValueError(f"{PHOTO_NODE}: model: the model is {model_family(model)}; style from a photo supports "
+                         "SD1.x, SD2.x and SDXL models (on Flux and SD3, SharedAttentionStyleAlign styles a batch "
+                         "after its first image)")
     if inversion.latents.shape[1] != 1:
         raise ValueError(f"{PHOTO_NODE}: inversion: expected the inversion of one image, got a batch of "
                          f"{inversion.latents.shape[1]}")

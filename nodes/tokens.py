@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..attention_patches.words import Word, merge_word_pieces, phrase_positions
+from ..attention_patches.words import Word, merge_sentencepiece, merge_word_pieces, phrase_positions
 
 CLIP_KEYS = ("l", "g", "h")  # ComfyUI's tokenizer output keys of the CLIP text encoders, preferred first
 
@@ -78,18 +78,24 @@ def tokenize(clip, text: str, node: str) -> PromptTokens:
 
 def _read(tokenizer, chunks) -> PromptTokens:
     ids = tuple(tuple(int(entry[0]) if isinstance(entry[0], int) else -1 for entry in chunk) for chunk in chunks)
-    pieces, offset = [], 0
+    pieces, _ = _chunk_pieces(chunks, tokenizer, 0, tokenizer.start_token)
+    return PromptTokens(ids, tuple(merge_word_pieces(pieces)), tokenizer.start_token, tokenizer.end_token,
+                        tokenizer.pad_token)
+
+
+def _chunk_pieces(chunks, tokenizer, offset: int, start_token=None) -> tuple[list[tuple[int, str]], int]:
+    """(the text's `(position, piece)` pairs, the offset after the chunks): each chunk read up to its end token."""
+    pieces = []
     for chunk in chunks:
         for position, entry in enumerate(chunk):
             token = entry[0]
-            if position == 0 and token == tokenizer.start_token:
+            if position == 0 and start_token is not None and token == start_token:
                 continue
             if not isinstance(token, int) or token == tokenizer.end_token:
                 break  # end of this chunk's text (the rest is padding)
             pieces.append((offset + position, tokenizer.inv_vocab[token]))
         offset += len(chunk)
-    return PromptTokens(ids, tuple(merge_word_pieces(pieces)), tokenizer.start_token, tokenizer.end_token,
-                        tokenizer.pad_token)
+    return pieces, offset
 
 
 def prompt_words(clip, text: str, node: str) -> tuple[list[Word], int]:
@@ -122,3 +128,30 @@ def phrase_tokens(clip, prompt: PromptTokens, phrase: str, node: str, name: str)
         raise ValueError(f"{node}: {name}: {phrase!r} is not in the prompt (it must appear word for word; "
                          f"the prompt's words: {listed or '(none)'})")
     return found
+
+
+def dit_prompt_words(clip, text: str, family: str, node: str) -> tuple[list[Word], int]:
+    """(the prompt's words with their positions among a Flux or SD3 model's text tokens, that token count).
+
+    Flux attends to its T5 tokens (`t5xxl`); CLIP-L only gives it the pooled
+    vector. SD3 attends to the CLIP-L/G tokens (77 a chunk) followed by the T5
+    tokens, so a word has a position in each part. A CLIP without T5 (a small
+    test encoder) is read by its CLIP positions.
+    """
+    tokens = clip.tokenize(text)
+    words, offset = [], 0
+    clip_keys = [key for key in ("l", "g") if key in tokens]
+    use_clip = family == "sd3" or "t5xxl" not in tokens
+    if use_clip:
+        if not clip_keys:
+            raise ValueError(f"{node}: clip: its tokenizer ({', '.join(tokens)}) has no CLIP tokenizer; use the "
+                             f"text encoder that encoded the prompt for this {family} model")
+        key = clip_keys[0]
+        tokenizer = getattr(clip.tokenizer, f"clip_{key}")
+        pieces, offset = _chunk_pieces(tokens[key], tokenizer, 0, tokenizer.start_token)
+        words += merge_word_pieces(pieces)
+    if "t5xxl" in tokens:
+        tokenizer = clip.tokenizer.t5xxl
+        pieces, offset = _chunk_pieces(tokens["t5xxl"], tokenizer, offset)
+        words += merge_sentencepiece(pieces)
+    return words, offset

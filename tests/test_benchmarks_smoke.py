@@ -34,7 +34,8 @@ EXPECTED = {
     "prompt_to_prompt.py": {"Prompt-to-Prompt": ["one generation", "Prompt-to-Prompt edit"]},
 }
 # benchmarks with their own tests (they measure quality or training, not speed)
-TESTED_ELSEWHERE = {"quality.py": "test_host_quality_benchmark.py", "unet_lr_sweep.py": "test_host_unet_lr_sweep.py"}
+TESTED_ELSEWHERE = {"quality.py": "test_host_quality_benchmark.py", "unet_lr_sweep.py": "test_host_unet_lr_sweep.py",
+                    "dit.py": "test_host_dit_benchmark.py"}
 
 DRIVER = """
 import json, runpy, sys, traceback
