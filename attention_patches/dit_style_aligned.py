@@ -42,15 +42,8 @@ import torch
 from .backend import mask_4d
 from .call import AttentionCall, Layer
 from .router import AttentionTechnique
-from .style_aligned import (
-    SharedGroup,
-    StyleAlignedOptions,
-    StyleAlignedSettings,
-    adain,
-    in_step_range,
-    plain_layers,
-    shared_attention,
-)
+from .shared_attention import SharedGroup, StyleAlignedOptions, adain, shared_attention
+from .style_aligned import StyleAlignedSettings, in_step_range, plain_layers
 
 DIT_BLOCK_CHOICES = ["auto", "single", "double", "all"]
 

@@ -21,11 +21,8 @@ import comfy.patcher_extension
 
 from ..attention_patches.dit_style_aligned import DIT_BLOCK_CHOICES, DitStyleAligned, dit_sharing_layers
 from ..attention_patches.call import ChunkLayout
-from ..attention_patches.style_aligned import (
-    StyleAlignedSettings,
-    shared_attention_extra_bytes,
-    zero_reference_control,
-)
+from ..attention_patches.shared_attention import shared_attention_extra_bytes
+from ..attention_patches.style_aligned import StyleAlignedSettings, zero_reference_control
 from .patching import attach_router
 
 __all__ = ["DIT_BLOCK_CHOICES", "apply_dit_style_aligned", "check_dit_inputs"]

@@ -9,7 +9,8 @@ from attention_lab.attention_patches import sdpa_attention
 from attention_lab.attention_patches.call import AttentionCall, ChunkLayout
 from attention_lab.attention_patches.dit import dit_layers
 from attention_lab.attention_patches.dit_style_aligned import DitStyleAligned, dit_sharing_layers
-from attention_lab.attention_patches.style_aligned import StyleAlignedOptions, StyleAlignedSettings
+from attention_lab.attention_patches.shared_attention import StyleAlignedOptions
+from attention_lab.attention_patches.style_aligned import StyleAlignedSettings
 
 HEADS, DIM = 2, 8
 TEXT, H, W, EXTRA = 5, 3, 4, 2  # [text | 3×4 image grid | 2 further tokens]
