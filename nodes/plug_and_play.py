@@ -79,8 +79,7 @@ def apply_plug_and_play(model, group: int, feature_steps: float, attention_steps
     return patched, technique
 
 
-def check_inputs(model, inversion, prompts: list[str], steps: int, feature_steps: float,
-                 attention_steps: float) -> None:
+def check_inputs(model, inversion, steps: int, feature_steps: float, attention_steps: float) -> None:
     """Every refusal before any model call (raises ValueError naming the input)."""
     if not isinstance(inversion, Inversion):
         raise _error("inversion", f"expected an INVERSION from DDIMInvert, got {type(inversion).__name__}")
@@ -100,9 +99,6 @@ def check_inputs(model, inversion, prompts: list[str], steps: int, feature_steps
     if inverted != steps:
         raise _error("steps", f"{steps} steps, but the inversion has {inverted}: the guidance branch is read from "
                               f"the inversion at every step, so invert with {steps} steps or set steps to {inverted}")
-    if not prompts:
-        raise _error("prompts", "is empty: give the translation prompt (one per line, e.g. 'a green circle on a "
-                                "dotted yellow background')")
     for name, value in (("feature_injection", feature_steps), ("attention_injection", attention_steps)):
         if not 0.0 <= value <= 1.0:
             raise _error(name, f"{value} is not a fraction of the steps in [0, 1]")
@@ -112,14 +108,24 @@ def translate(model, clip, inversion, prompts: list[str], negative_prompt: str =
               steps: int = 50, feature_steps: float = pnp.FEATURE_STEPS,
               attention_steps: float = pnp.ATTENTION_STEPS, guidance_prompt: str = "") -> torch.Tensor:
     """The translations, a user-space LATENT tensor: per inverted image, one row per prompt, in order."""
-    check_inputs(model, inversion, prompts, steps, feature_steps, attention_steps)
-    group = len(prompts) + 1
-    patched, technique = apply_plug_and_play(model, group, feature_steps, attention_steps)
-    guider = SourceBranchGuider(patched, group)
+    if not prompts:
+        raise _error("prompts", "is empty: give the translation prompt (one per line, e.g. 'a green circle on a "
+                                "dotted yellow background')")
+    check_inputs(model, inversion, steps, feature_steps, attention_steps)
     # The guidance row has the guidance prompt in both CFG halves: the same tensors for both halves' edits.
-    guider.set_conds(encode_group(clip, [guidance_prompt] + prompts, NODE, "prompts"),
-                     encode_group(clip, [guidance_prompt] + [negative_prompt] * len(prompts), NODE,
-                                  "negative_prompt"))
+    positive = encode_group(clip, [guidance_prompt] + prompts, NODE, "prompts")
+    negative = encode_group(clip, [guidance_prompt] + [negative_prompt] * len(prompts), NODE, "negative_prompt")
+    return translate_conditioned(model, inversion, positive, negative, len(prompts) + 1, cfg, steps, feature_steps,
+                                 attention_steps)
+
+
+def translate_conditioned(model, inversion, positive, negative, group: int, cfg: float, steps: int,
+                          feature_steps: float, attention_steps: float) -> torch.Tensor:
+    """`translate` from conditionings whose rows are `[guidance, translation_1, ...]` (`group` rows each)."""
+    check_inputs(model, inversion, steps, feature_steps, attention_steps)
+    patched, _ = apply_plug_and_play(model, group, feature_steps, attention_steps)
+    guider = SourceBranchGuider(patched, group)
+    guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     sigmas = inversion.sampling_sigmas
     sampler = comfy.samplers.KSAMPLER(sample_ddim_tracking_source, {"inversion": inversion, "group": group,
