@@ -16,6 +16,14 @@ Patch points (documented ModelPatcher mechanisms only):
   as the block starts). ComfyUI's output-block patch alone cannot do it: it
   sees the block's inputs `(h, skip)`, not the residual branch inside the
   ResBlock, whose output the authors inject before the skip is added.
+
+On the demo model (128² px, a 16² latent: the feature block's grid is 4², the injected
+attention 4² and 8²) benchmarks/quality.py measures, over 8 rendered scenes, object-mask IoU
+with the guidance 0.36 at the authors' cfg 7.5 and negative prompt (0.30 with nothing
+injected) and 0.46 at cfg 5 with an empty negative (0.43 with nothing injected): the
+injection keeps a little more structure, and the paper's guidance suits a 512² model, not
+this one, whose vocabulary lacks the negative prompt's words. The example uses cfg 5 and
+an empty negative; the node's defaults stay the authors'.
 """
 
 from __future__ import annotations
