@@ -217,3 +217,18 @@ def test_node_schema_has_paper_defaults_and_tooltips(host):
     assert math.isclose(defaults["feature_injection"], 0.8) and math.isclose(defaults["attention_injection"], 0.5)
     assert defaults["negative_prompt"] == "ugly, blurry, black, low res, unrealistic"
     assert all(getattr(i, "tooltip", None) for i in schema.inputs)
+
+
+def test_a_weight_patch_on_the_feature_block_still_applies(pnp, inv, demo, scene):
+    """LoRA-style weight patches reach the ResBlock whose residual branch the node object-patches (the patched
+    branch holds the same modules under the same names)."""
+    model, clip, _ = demo
+    key = "diffusion_model.output_blocks.4.0.out_layers.3.weight"
+    weight = model.get_model_object(key)
+    lora = model.clone()
+    lora.add_patches({key: (torch.full_like(weight, 0.05),)}, strength_patch=1.0)
+    off = pnp.translate(lora, clip, scene, [PROMPT], cfg=7.5, steps=STEPS, feature_steps=0.0, attention_steps=0.0)
+    plain = inv.replay(lora, scene, encode(clip, PROMPT), encode(clip, pnp.NEGATIVE), cfg=7.5)
+    unpatched = inv.replay(model, scene, encode(clip, PROMPT), encode(clip, pnp.NEGATIVE), cfg=7.5)
+    assert (plain - unpatched).abs().mean() > 1e-3  # the weight patch matters
+    assert (off - plain).abs().max() <= 1e-4 * plain.abs().max()
