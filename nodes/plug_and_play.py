@@ -119,7 +119,6 @@ def translate(model, clip, inversion, prompts: list[str], negative_prompt: str =
     if not prompts:
         raise _error("prompts", "is empty: give the translation prompt (one per line, e.g. 'a green circle on a "
                                 "dotted yellow background')")
-    check_inputs(model, inversion, steps, feature_steps, attention_steps)
     # The guidance row has the guidance prompt in both CFG halves: the same tensors for both halves' edits.
     positive = encode_group(clip, [guidance_prompt] + prompts, NODE, "prompts")
     negative = encode_group(clip, [guidance_prompt] + [negative_prompt] * len(prompts), NODE, "negative_prompt")

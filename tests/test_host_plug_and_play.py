@@ -232,3 +232,16 @@ def test_a_weight_patch_on_the_feature_block_still_applies(pnp, inv, demo, scene
     unpatched = inv.replay(model, scene, encode(clip, PROMPT), encode(clip, pnp.NEGATIVE), cfg=7.5)
     assert (plain - unpatched).abs().mean() > 1e-3  # the weight patch matters
     assert (off - plain).abs().max() <= 1e-4 * plain.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_unet(pnp, inv, demo, tiny, dtype):
+    """A tiny SD1.5 UNet in fp16/bf16: the injection swaps rows in the model's dtype; the result is finite and the
+    translation rows still take the guidance rows' features."""
+    _, clip, _ = demo
+    model = tiny.sd15_unet(seed=3, dtype=dtype)
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    inversion = invert(inv, model, clip, latent, steps=4)
+    out = pnp.translate(model, clip, inversion, [PROMPT], cfg=5.0, steps=4)
+    off = pnp.translate(model, clip, inversion, [PROMPT], cfg=5.0, steps=4, feature_steps=0.0, attention_steps=0.0)
+    assert torch.isfinite(out).all() and (out - off).abs().mean() > 0
