@@ -6,7 +6,7 @@ process, as markdown on stdout and in a file.
     python benchmarks/all.py --unet narrow --size 64 --steps 1 --out /tmp/smoke.md   # smoke run
 
 Runs benchmarks/router_overhead.py, style_aligned.py, inversion_speed.py, recording.py,
-bounded.py, cross_image.py and prompt_to_prompt.py with one model per architecture built once, each at its
+bounded.py, cross_image.py, prompt_to_prompt.py and plug_and_play.py with one model per architecture built once, each at its
 own step count (`--steps` sets all of them), interleaved repeats, median. The GPU step
 counts are chosen so the whole table fits 8 minutes on one H100 (estimated from the
 UNet calls each benchmark makes; not yet run on one). A benchmark
@@ -28,6 +28,7 @@ import _common
 import bounded
 import cross_image
 import inversion_speed
+import plug_and_play
 import prompt_to_prompt
 import recording
 import router_overhead
@@ -35,11 +36,11 @@ import style_aligned
 
 BENCHMARKS = {"router": router_overhead, "style_aligned": style_aligned, "inversion": inversion_speed,
               "recording": recording, "bounded": bounded, "cross_image": cross_image,
-              "prompt_to_prompt": prompt_to_prompt}
+              "prompt_to_prompt": prompt_to_prompt, "plug_and_play": plug_and_play}
 # Fewer steps than the scripts' own GPU defaults, so the whole table fits 8 minutes on one H100;
 # the ratios are per step, except Bounded's and Cross-Image's, which keep the papers' proportions.
 GPU_STEPS = {"router": 10, "style_aligned": 10, "inversion": 20, "recording": 10, "bounded": 30, "cross_image": 50,
-             "prompt_to_prompt": 20}
+             "prompt_to_prompt": 20, "plug_and_play": 20}
 COLUMNS = ("setting",) + _common.COLUMNS
 
 

@@ -58,10 +58,12 @@ class Plan:
     cross_image_pairs: int = 8
     p2p_edits: int = 4  # per kind (colour swap, shape swap)
     p2p_real_edits: int = 4  # per kind, on rendered scenes through DDIMInvert
+    pnp_scenes: int = 8  # Plug-and-Play translations of rendered scenes, against SDEdit
 
 
 QUICK = Plan(single_prompts=2, two_object_prompts=2, vae_scenes=2, style_sets=1, photo_style_sets=1, bounded_prompts=1,
-             segment_images=1, inversion_scenes=1, cross_image_pairs=1, p2p_edits=1, p2p_real_edits=1)
+             segment_images=1, inversion_scenes=1, cross_image_pairs=1, p2p_edits=1, p2p_real_edits=1,
+             pnp_scenes=1)
 
 
 class Lab:
@@ -700,8 +702,104 @@ def prompt_to_prompt_real(lab: Lab) -> list[dict]:
     return rows
 
 
+PNP_NODE = "PlugAndPlay"
+PNP_STEPS = 50  # the authors' DDIM steps, for the inversion and the translation
+SDEDIT_STRENGTHS = (0.6, 0.75, 0.9)
+
+
+def pnp_translations(lab: Lab, count: int) -> list[tuple[tuple, str, str, str, str]]:
+    """(guidance scene, translation prompt, new object colour, new background colour, new style) per scene: one
+    object on a plain background; the prompt changes the object's colour, the background's colour and its style
+    to dotted. The first is the issue's example (red circle on plain blue -> green circle on dotted yellow)."""
+    import numpy as np
+
+    world = lab.world
+    rng = np.random.default_rng(32)
+    out = [(("red", "circle", "blue"), "green", "yellow")]
+    colours = [c for c in world.COLORS if c != "black"]
+    while len(out) < count:
+        colour, new = rng.choice(colours, 2, replace=False)
+        background, new_background = rng.choice(world.BACKGROUND_COLORS, 2, replace=False)
+        if new_background == new or background == colour:
+            continue  # an object of the background's hue would not read as an object
+        out.append(((str(colour), str(rng.choice(world.SHAPES)), str(background)), str(new), str(new_background)))
+    return [(scene, f"{world.article(new)} {new} {scene[1]} on a dotted {bg} background", new, bg, "dots")
+            for scene, new, bg in out]
+
+
+def translation_scores(lab: Lab, guidance, image, colour: str, background: str, style: str) -> dict:
+    """Structure: IoU of the union of the detected object masks of the guidance and of the output. Appearance:
+    the detector reads the prompt's object colour (on the object overlapping the guidance's most), background
+    colour and background style."""
+    import numpy as np
+
+    detect = lab.detect
+    before, after = detect.detect(guidance), detect.detect(image)
+    union = lambda objects: np.any([o.mask for o in objects], axis=0) if objects else np.zeros(image.shape[:2], bool)  # noqa: E731
+    guide_mask = union(before.objects)
+    iou = detect.mask_iou(guide_mask, union(after.objects))
+    best = max(after.objects, key=lambda o: (o.mask & guide_mask).sum(), default=None)
+    return {"iou": iou, "colour": best is not None and best.color == colour,
+            "background": after.background_color == background, "style": after.style == style}
+
+
+def plug_and_play(lab: Lab, pictures: list | None = None) -> list[dict]:
+    """Rendered one-object scenes on plain backgrounds, VAE-encoded and DDIM-inverted as the authors invert (an
+    empty prompt, cfg 1, 50 steps), translated by PlugAndPlay (τ_f 0.8, τ_A 0.5) at the authors' guidance (cfg 7.5,
+    their negative prompt) and at the demo model's (cfg 5, an empty negative, as every other row here). Baseline: the
+    same graph with nothing injected (τ_f = τ_A = 0: plain DDIM sampling of the prompt from the inverted noise).
+    SDEdit: img2img of the same latent (KSampler, euler, 50 steps, the prompt, cfg 5, an empty negative) at three
+    denoise strengths. `pictures` (a list) receives (guidance, {setting: image}) per scene."""
+    if PNP_NODE not in lab.nodes.NODE_CLASS_MAPPINGS:
+        return [{"section": "Plug-and-Play", "metric": "missing (issue 32)", "value": None, "baseline": None, "n": 0}]
+    import importlib
+
+    pnp = importlib.import_module(f"{lab.host.pack.__name__}.nodes.plug_and_play")
+    off = {"feature_steps": 0.0, "attention_steps": 0.0}
+    demo = {"cfg": lab.plan.cfg, "negative_prompt": ""}
+    settings = {"paper": {}, "paper, nothing injected": off, "demo": demo, "demo, nothing injected": {**demo, **off}}
+    sections = {"paper": "Plug-and-Play, real (cfg 7.5, the authors' negative)",
+                "demo": f"Plug-and-Play, real (cfg {lab.plan.cfg:g}, empty negative)"}
+    keys = ("iou", "colour", "background", "style")
+    methods = [*settings, *(f"SDEdit {s}" for s in SDEDIT_STRENGTHS)]
+    stats = {m: {k: [] for k in keys} for m in methods}
+    for i, ((colour, shape, background), prompt, new, new_background, style) in enumerate(
+            pnp_translations(lab, lab.plan.pnp_scenes)):
+        rendered = lab.render(HELD_OUT_SEED + 96_000 + i, objects=[(colour, shape)], style="plain",
+                              background_color=background)
+        latent = lab.vae_latent([rendered])
+        inversion = lab.node("DDIMInvert", model=lab.model, latent=latent, positive=lab.encode([""]),
+                             steps=PNP_STEPS, method="ddim")[1]
+        images = {name: lab.images({"samples": pnp.translate(lab.model, lab.clip, inversion, [prompt],
+                                                             steps=PNP_STEPS, **extra)})[0]
+                  for name, extra in settings.items()}
+        for strength in SDEDIT_STRENGTHS:
+            out = lab.nodes.common_ksampler(lab.model, i, PNP_STEPS, lab.plan.cfg, "euler", "normal",
+                                            lab.encode([prompt]), lab.encode([""]), latent, denoise=strength)[0]
+            images[f"SDEdit {strength}"] = lab.images(out)[0]
+        if pictures is not None:
+            pictures.append((rendered.image / 255, images))
+        for name, image in images.items():
+            for key, value in translation_scores(lab, rendered.image / 255, image, new, new_background,
+                                                 style).items():
+                stats[name][key].append(value)
+    labels = {"iou": "structure kept: object-mask IoU, output vs guidance",
+              "colour": "appearance: the object has the prompt's colour", "background":
+              "appearance: the background has the prompt's colour", "style": "appearance: the background is dotted"}
+    rows = []
+    for name in methods:
+        if "nothing injected" in name:
+            continue
+        baseline = stats.get(f"{name}, nothing injected")
+        for key, label in labels.items():
+            rows.append({"section": sections.get(name, f"{name} (cfg {lab.plan.cfg:g})"), "metric": label,
+                         "value": mean(stats[name][key]), "baseline": mean(baseline[key]) if baseline else None,
+                         "n": len(stats[name][key])})
+    return rows
+
+
 MEASUREMENTS = [model_figures, style_aligned, style_aligned_from_photo, bounded_attention, self_attn_segment,
-                ddim_inversion, cross_image_attention, prompt_to_prompt, prompt_to_prompt_real]
+                ddim_inversion, cross_image_attention, prompt_to_prompt, prompt_to_prompt_real, plug_and_play]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -43,6 +43,9 @@ class Inversion:
         The step count the inversion was asked for, when the caller knows it
         (a scheduler such as ``ddim_uniform`` may walk one more than asked,
         so it can differ from :attr:`num_steps`); for messages.
+    ``family``
+        The architecture of the model that inverted, when the caller knows it
+        (e.g. ``"SDXL"``, ``"SD15"``): nodes refuse a trajectory from another model.
 
     dtype: everything is float32 whatever dtype the model ran in.
     """
@@ -53,6 +56,7 @@ class Inversion:
     noise_maps: Tensor | None = None
     final_residual: Tensor | None = None
     steps: int | None = None
+    family: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("ddim", "ddpm"):

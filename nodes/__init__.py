@@ -12,6 +12,7 @@ from .cross_image import CrossImageAttention
 from .demo import DemoModelLoader
 from .example_inputs import offer_example_inputs
 from .inversion import DDIMInversionSampler, DDIMInvert, InversionReplay
+from .plug_and_play import PlugAndPlay
 from .prompt_to_prompt import PromptToPromptEdit, PromptToPromptEditInversion
 from .style_aligned import SharedAttentionStyleAlign, StyleAlignedReferenceFromInversion
 from .segment import AttentionRecorderNode, CrossAttnHeatmap, RecordAttentionPass, SelfAttnPCA, SelfAttnSegment
@@ -21,6 +22,7 @@ NODES: list[type[io.ComfyNode]] = [
     BoundedAttentionLayout,
     CrossImageAttention,
     PromptToPromptEdit, PromptToPromptEditInversion,
+    PlugAndPlay,
     SharedAttentionStyleAlign, StyleAlignedReferenceFromInversion,
     DDIMInvert, DDIMInversionSampler, InversionReplay,
     AttentionRecorderNode, RecordAttentionPass, SelfAttnSegment, CrossAttnHeatmap, SelfAttnPCA,

@@ -234,7 +234,7 @@ def invert(model, latent_image: torch.Tensor, positive, negative=None, cfg: floa
     else:
         sampler = comfy.samplers.KSAMPLER(sample_ddpm_inversion, {"holder": holder, "seed": seed, "node": node})
     noise = guided_sample(cfg_guider(model, positive, negative, cfg), sampler, sigmas, latent_image, seed)
-    inversion = dataclasses.replace(holder.inversion, steps=steps)
+    inversion = dataclasses.replace(holder.inversion, steps=steps, family=type(model.model).__name__)
     return noise, inversion.to(comfy.model_management.intermediate_device())
 
 

@@ -25,10 +25,12 @@ from comfy_api.latest import io
 
 from ..attention_patches import prompt_to_prompt as p2p
 from ..attention_patches.words import word_positions
-from ..inversion import Inversion, ddim_sample
-from .inversion import INVERSION, SamplerModel, check_invertible, guided_sample, sample_replay
+from ..inversion import Inversion
+from . import source_branch
+from .inversion import INVERSION, guided_sample, sample_replay
 from .patching import attach_router
 from .tokens import one_chunk
+from .source_branch import SourceBranchGuider, sample_ddim_tracking_source
 
 NODE = "PromptToPromptEdit"
 IMAGE_NODE = "PromptToPromptEditInversion"
@@ -134,40 +136,18 @@ def build_technique(clip, source_prompt: str, edit_prompts: list[str], mode: str
 
 def encode_group(clip, prompts: list[str]):
     """One positive CONDITIONING whose rows are the prompts, in order (ComfyUI tiles it over the batch)."""
-    conds, pooled, extras = [], [], None
-    for i, text in enumerate(prompts):
-        encoded = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-        if len(encoded) != 1:
-            raise _error("clip", "its encoding of a prompt is scheduled in several parts (hooks); Prompt-to-Prompt "
-                                 "needs one conditioning per prompt")
-        cond, extra = encoded[0]
-        conds.append(cond)
-        pooled.append(extra.get("pooled_output"))
-        extras = extras or dict(extra)
-    if len({c.shape for c in conds}) > 1:
-        raise _error("edit_prompts", "the prompts encode to different token lengths; keep each under 75 tokens")
-    extras = dict(extras)
-    if all(p is not None for p in pooled):
-        extras["pooled_output"] = torch.cat(pooled)
-    return [[torch.cat(conds), extras]]
+    return source_branch.encode_group(clip, prompts, NODE, "edit_prompts")
 
 
-class PromptToPromptGuider(comfy.samplers.CFGGuider):
+class PromptToPromptGuider(SourceBranchGuider):
     """CFG over groups `[source, edits...]` per input image, local blend on each step's denoised estimate."""
 
     def __init__(self, model_patcher, technique: p2p.PromptToPrompt):
-        super().__init__(model_patcher)
+        super().__init__(model_patcher, technique.group)
         self.technique = technique
 
-    def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
-               seed=None):
-        group = self.technique.group
-        expand = lambda t: t if t is None else t.repeat_interleave(group, dim=0)  # noqa: E731
-        if denoise_mask is not None and denoise_mask.shape[0] == noise.shape[0]:
-            denoise_mask = expand(denoise_mask)
+    def begin(self) -> None:
         self.technique.begin()
-        return super().sample(expand(noise), expand(latent_image), sampler, sigmas, denoise_mask, callback,
-                              disable_pbar, seed)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         return self.technique.blend(super().predict_noise(x, timestep, model_options, seed))
@@ -254,25 +234,6 @@ class PromptToPromptEdit(io.ComfyNode):
             blend_threshold=blend_threshold))
 
 
-def sample_ddim_tracking_source(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                                inversion: Inversion | None = None, group: int = 1, track_source: bool = True):
-    """DDIM sampling of groups `[source, edits...]` from the inverted noise; with `track_source` the source rows
-    are put back on their inverted trajectory after every step (the direct-inversion correction), so the
-    edits take the attention of the image's own trajectory and the source row ends on the image's latent."""
-    calls = SamplerModel(model, extra_args, callback, len(sigmas) - 1, disable)
-    check_invertible(*calls.sampling(), IMAGE_NODE)
-    x_start = inversion.latent_at(float(sigmas[0])).to(x.device).repeat_interleave(group, dim=0)
-
-    def keep_source(k, latent):
-        if not track_source:
-            return latent
-        latent = latent.clone()
-        latent[::group] = inversion.latent_at(float(sigmas[k + 1])).to(latent.device, latent.dtype)
-        return latent
-
-    return ddim_sample(calls, x_start, sigmas, calls.progress, after_step=keep_source)
-
-
 def edit_inversion(model, clip, inversion, negative, source_prompt: str, edit_prompts: list[str], cfg: float,
                    add_final_residual: bool = False, track_source: bool = True, **controls) -> torch.Tensor:
     """Prompt-to-Prompt on an inverted image: every group `[source, edits...]` starts from the INVERSION.
@@ -301,7 +262,8 @@ def edit_inversion(model, clip, inversion, negative, source_prompt: str, edit_pr
                                                           "node": IMAGE_NODE})
     else:
         sampler = comfy.samplers.KSAMPLER(sample_ddim_tracking_source, {"inversion": inversion, "group": group,
-                                                                        "track_source": track_source})
+                                                                        "track_source": track_source,
+                                                                        "node": IMAGE_NODE})
     x_start = model.model.process_latent_out(inversion.latent_at(float(sigmas[0])))
     return guided_sample(guider, sampler, sigmas, x_start, seed=0)
 

@@ -32,6 +32,7 @@ EXPECTED = {
                                               "bounded guidance", "Layout Guidance loss", "Attend-and-Excite loss"]},
     "cross_image.py": {"CrossImageAttention": ["one generation", "CrossImageAttention transfer"]},
     "prompt_to_prompt.py": {"Prompt-to-Prompt": ["one generation", "Prompt-to-Prompt edit"]},
+    "plug_and_play.py": {"PlugAndPlay": ["one generation", "PlugAndPlay translation"]},
 }
 # benchmarks with their own tests (they measure quality or training, not speed)
 TESTED_ELSEWHERE = {"quality.py": "test_host_quality_benchmark.py", "unet_lr_sweep.py": "test_host_unet_lr_sweep.py",

@@ -41,7 +41,11 @@ def test_quick_run_reports_every_section(host, tmp_path):
     assert p2p == {"Prompt-to-Prompt (defaults)", "Prompt-to-Prompt (local blend)",
                    "Prompt-to-Prompt (cross 0.2 + local blend)", "Prompt-to-Prompt baseline: prompt switch at 40%",
                    "Prompt-to-Prompt, real (defaults)", "Prompt-to-Prompt, real (cross 0)"}, p2p
-    assert sections - p2p == {"model", "StyleAligned", "StyleAligned from a photo", "Bounded Attention", "SelfAttnSegment",
+    pnp = {s for s in sections if s.startswith(("Plug-and-Play", "SDEdit"))}
+    assert pnp == {"Plug-and-Play, real (cfg 7.5, the authors' negative)", "Plug-and-Play, real (cfg 5, empty negative)",
+                   "SDEdit 0.6 (cfg 5)", "SDEdit 0.75 (cfg 5)", "SDEdit 0.9 (cfg 5)"}, pnp
+    assert all(row["baseline"] is not None for row in rows if row["section"].startswith("Plug-and-Play"))
+    assert sections - p2p - pnp == {"model", "StyleAligned", "StyleAligned from a photo", "Bounded Attention", "SelfAttnSegment",
                               "DDIM inversion", "Cross-Image Attention"}
     for row in rows:
         if row["value"] is not None and "PSNR" not in row["metric"]:
