@@ -1,20 +1,12 @@
 """Math tests for the plain-torch inversion package (DDIM and edit-friendly DDPM, sigma space)."""
 
 import math
-import pathlib
-import sys
-import types
+from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if "attention_lab" not in sys.modules:
-    pkg = types.ModuleType("attention_lab")
-    pkg.__path__ = [str(ROOT)]
-    sys.modules["attention_lab"] = pkg
-
-from attention_lab.inversion import (  # noqa: E402
+from attention_lab.inversion import (
     Inversion,
     cfg_denoise,
     ddim_invert,
@@ -23,6 +15,8 @@ from attention_lab.inversion import (  # noqa: E402
     ddpm_replay,
     ddpm_step_coefficients,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- schedules
 
