@@ -39,10 +39,5 @@ def host(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def pack(host):
-    return host.pack
-
-
-@pytest.fixture(scope="session")
 def tiny(host):
     return host.module("nodes.tiny_models")

@@ -5,7 +5,6 @@ Runs against the weights DemoModelLoader uses (demo/weights/demo_model.safetenso
 or $ATTENTION_LAB_DEMO_WEIGHTS); without them the loader's error says how to train them.
 """
 
-import importlib
 import time
 
 import pytest
@@ -20,8 +19,8 @@ PROMPTS = [("a red circle", "red", "circle"), ("a blue square", "blue", "square"
 
 
 @pytest.fixture(scope="module")
-def demo(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.demo")
+def demo(host):
+    return host.module("nodes.demo")
 
 
 def txt2img_prompt(text: str, seed: int, batch: int) -> dict:

@@ -80,8 +80,8 @@ def test_loaded_pack_offers_the_example_inputs_to_loadimage(host):
         assert (Path(folder_paths.get_input_directory()) / path.name).read_bytes() == path.read_bytes()
 
 
-def test_example_inputs_never_replace_the_users_files(pack, tmp_path, caplog):
-    offer = pack.nodes.example_inputs.offer_example_inputs
+def test_example_inputs_never_replace_the_users_files(host, tmp_path, caplog):
+    offer = host.module("nodes.example_inputs").offer_example_inputs
     inputs = sorted((ROOT / "examples" / "inputs").glob("*.png"))
     assert len(inputs) >= 2
     users = tmp_path / "input"
@@ -101,8 +101,8 @@ def test_example_inputs_never_replace_the_users_files(pack, tmp_path, caplog):
     assert not [r for r in caplog.records if r.getMessage().startswith("[Attention Lab]")]
 
 
-def test_example_inputs_create_a_missing_input_folder_and_survive_an_unwritable_one(pack, tmp_path, caplog):
-    offer = pack.nodes.example_inputs.offer_example_inputs
+def test_example_inputs_create_a_missing_input_folder_and_survive_an_unwritable_one(host, tmp_path, caplog):
+    offer = host.module("nodes.example_inputs").offer_example_inputs
     fresh = tmp_path / "new" / "input"
     assert offer(fresh) and fresh.is_dir()
     blocked = tmp_path / "a_file"
