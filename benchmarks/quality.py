@@ -24,7 +24,6 @@ of the two prompted colours), first that applies:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import sys
@@ -75,9 +74,8 @@ class Lab:
         self.torch = torch
         self.host, self.plan = host, plan
         self.nodes = host.nodes
-        module = lambda name: importlib.import_module(f"{host.pack.__name__}.{name}")  # noqa: E731
-        self.world, self.detect = module("demo.world"), module("demo.detect")
-        self.weights = module("nodes.demo").weights_path()
+        self.world, self.detect = host.module("demo.world"), host.module("demo.detect")
+        self.weights = host.module("nodes.demo").weights_path()
         self.model, self.clip, self.vae = self.node("DemoModelLoader")
 
     def node(self, name: str, **inputs):
@@ -372,8 +370,8 @@ def segment_scores(lab: Lab, record, latent, text: str, truths: dict, absolute: 
         best = max(range(len(fits)), key=fits.__getitem__)
         scores["clustered"].append(fits[best])
         scores["label"].append(label_of[best] == word)
-    seg = importlib.import_module(f"{lab.host.pack.__name__}.attention_patches.segmentation")
-    grid, self_maps = importlib.import_module(f"{lab.host.pack.__name__}.nodes.segment").recorded_maps(
+    seg = lab.host.module("attention_patches.segmentation")
+    grid, self_maps = lab.host.module("nodes.segment").recorded_maps(
         record, "self", grids.get("resolution", 0), "quality")
     objects = np.any(list(truths.values()), axis=0)
     scores["pca"].append(seg.first_component_auc(self_maps[0], grid, objects))
@@ -659,9 +657,8 @@ def prompt_to_prompt_real(lab: Lab) -> list[dict]:
     if "PromptToPromptEditInversion" not in lab.nodes.NODE_CLASS_MAPPINGS:
         return [{"section": "Prompt-to-Prompt, real", "metric": "missing (issue 31)", "value": None, "baseline": None,
                  "n": 0}]
-    import importlib
-
-    p2p = importlib.import_module(f"{lab.host.pack.__name__}.nodes.prompt_to_prompt")
+    
+    p2p = lab.host.module("nodes.prompt_to_prompt")
     settings = {"defaults": {}, "cross 0": {"cross_replace_steps": 0.0}}
     negative = lab.encode([""])
     rows = []

@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    train = _common.pack_module(host, "demo.train")
-    world = _common.pack_module(host, "demo.world")
-    tiny = _common.pack_module(host, "nodes.tiny_models")
+    train = host.module("demo.train")
+    world = host.module("demo.world")
+    tiny = host.module("nodes.tiny_models")
     _, _, vae = tiny.load_demo_model(train.DEFAULT_OUT)
     budget = replace(train.Budget(), scenes=args.scenes, unet_iters=args.iters, ema=args.ema,
                      eval_prompts=args.fidelity_prompts)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"lr {lr:g}: weighted ε-loss {row['weighted']:.4f}  plain {row['plain']:.4f}  "
               f"plain at t < 400 {row['low_t']:.4f}", flush=True)
         if args.fidelity_prompts:
-            detect = _common.pack_module(host, "demo.detect")
+            detect = host.module("demo.detect")
             with torch.no_grad():
                 row["fidelity"] = train.single_object_fidelity(world, detect, clip, patcher, vae, budget, 0)
             print(f"lr {lr:g}: single-object fidelity over {args.fidelity_prompts} prompts: colour "
