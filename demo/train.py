@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -92,35 +91,16 @@ SMOKE = Budget(vae_iters=3, vae_adapt_iters=2, vae_batch=2, scenes=8, unet_iters
                eval_scenes=2, eval_prompts=2, sample_steps=2)
 
 
-def load_comfy(device: str) -> str:
-    """Import ComfyUI (found as the examples find it); returns how it was found."""
+def load_host(device: str):
+    """ComfyUI in this process with the pack loaded, through the pack's one loader (examples/headless.py),
+    on the CPU for `--device cpu`; returns (the host, how it was found)."""
     sys.path.insert(0, str(REPO / "examples"))
     import headless
 
     root, how = headless.find_comfyui()
     if root is None:
         raise SystemExit(how)
-    for path in [str(root)] + headless.host_pythonpath():
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = device == "cpu"  # must precede the first import of model_management
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-    import comfy.model_management  # noqa: F401
-
-    return how
-
-
-def load_by_path(name: str, path: Path, package: bool = False):
-    """Import a file or package folder of this repo under `name`, without putting the repo
-    on sys.path (its nodes/ would shadow ComfyUI's nodes module)."""
-    spec = importlib.util.spec_from_file_location(
-        name, path / "__init__.py" if package else path, submodule_search_locations=[str(path)] if package else None)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return headless.load_host(cpu=device == "cpu"), how
 
 
 def world_seed(seed: int, *stream: int) -> int:
@@ -522,20 +502,19 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python demo/train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     started, commit = time.perf_counter(), git_commit()
-    how = load_comfy(args.device)
+    host, how = load_host(args.device)
     import comfy.sd
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    load_by_path("attention_lab_demo", REPO / "demo", package=True)
-    world = importlib.import_module("attention_lab_demo.world")
+    world = host.module("demo.world")
     if not world.N_OBJECTS_WEIGHTS[0] <= budget.single_object_share <= 1:
         raise SystemExit(f"--single-object-share must be between the world's own share "
                          f"{world.N_OBJECTS_WEIGHTS[0]} and 1, got {budget.single_object_share}")
-    detect = importlib.import_module("attention_lab_demo.detect")
-    tiny = load_by_path("attention_lab_tiny_models", REPO / "nodes" / "tiny_models.py")
+    detect = host.module("demo.detect")
+    tiny = host.module("nodes.tiny_models")
     print(f"ComfyUI host: {how}; device {args.device}, {args.threads} threads; budget {asdict(budget)}", flush=True)
     vae_bf16 = budget.vae_bf16 and bf16_supported(device)
 
