@@ -3,9 +3,9 @@ command line, interleaved timing, and the markdown table every script prints.
 
 Models: the full-size SD1.5 (860 M parameters) and SDXL (2.6 B) UNet architectures with
 seeded random weights built on the device (speed does not depend on the values), or, with
-`--unet narrow`, the pack's narrow test UNets (same blocks and attention layers, 1/10 the
-width) for smoke runs. Defaults: on a GPU the users' sizes (SD1.5 512², SDXL 1024², fp16);
-on the CPU a size that finishes (fp32, a few steps).
+`--unet narrow`, the pack's narrow test UNets (tests/tiny_models.py: same blocks and attention
+layers, 1/10 the width) for smoke runs. Defaults: on a GPU the users' sizes (SD1.5 512², SDXL
+1024², fp16); on the CPU a size that finishes (fp32, a few steps).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))  # the pack's loader
+sys.path.insert(0, str(REPO / "tests"))  # tiny_models: the narrow test UNets, built after the host is loaded
 
 import headless  # noqa: E402
 
@@ -283,7 +285,7 @@ def setup(args: argparse.Namespace, host: headless.Host | None = None) -> Setup:
     import torch
 
     host = host or load_host(not args.gpu)
-    fixtures = host.module("nodes.tiny_models")
+    import tiny_models as fixtures
     dtype = torch_dtype(args.dtype)
     with torch.inference_mode():  # as ComfyUI's executor loads a checkpoint: the weights are inference tensors
         if args.unet == "full":

@@ -40,4 +40,6 @@ def host(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny(host):
-    return host.module("nodes.tiny_models")
+    import tiny_models
+
+    return tiny_models
