@@ -130,6 +130,26 @@ def mean(values) -> float | None:
     return round(sum(values) / len(values), 3) if values else None
 
 
+def first_component_auc(features, grid: tuple[int, int], mask) -> float:
+    """How well the first principal component (as SelfAttnPCA's `pca_rgb` orients it, bilinearly enlarged
+    to the mask's size) tells the mask's pixels from the rest: ROC AUC, 1 = every masked pixel brighter,
+    0.5 = chance, below 0.5 = the mask is the dark side."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from attention_lab.attention_patches.segmentation import pca_rgb
+
+    pc1 = pca_rgb(features, grid)[..., 0]
+    big = F.interpolate(pc1[None, None], size=mask.shape, mode="bilinear", align_corners=False)[0, 0].numpy().ravel()
+    inside = np.asarray(mask, dtype=bool).ravel()
+    if inside.all() or not inside.any():
+        raise ValueError("the mask must hold both object and background pixels")
+    ranks = np.empty(len(big))
+    ranks[np.argsort(big, kind="stable")] = np.arange(1, len(big) + 1)
+    positives = int(inside.sum())
+    return float((ranks[inside].sum() - positives * (positives + 1) / 2) / (positives * (len(big) - positives)))
+
+
 def two_object_outcome(found: list[tuple[str, str]], subjects: list[tuple[str, str]]) -> str:
     """The outcome of a two-subject prompt from the detected (colour, shape) pairs (see the module doc)."""
     (c1, s1), (c2, s2) = subjects
@@ -370,11 +390,10 @@ def segment_scores(lab: Lab, record, latent, text: str, truths: dict, absolute: 
         best = max(range(len(fits)), key=fits.__getitem__)
         scores["clustered"].append(fits[best])
         scores["label"].append(label_of[best] == word)
-    seg = lab.host.module("attention_patches.segmentation")
     grid, self_maps = lab.host.module("nodes.segment").recorded_maps(
         record, "self", grids.get("resolution", 0), "quality")
     objects = np.any(list(truths.values()), axis=0)
-    scores["pca"].append(seg.first_component_auc(self_maps[0], grid, objects))
+    scores["pca"].append(first_component_auc(self_maps[0], grid, objects))
     return scores
 
 
