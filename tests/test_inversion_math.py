@@ -8,7 +8,6 @@ import torch
 
 from attention_lab.inversion import (
     Inversion,
-    cfg_denoise,
     ddim_invert,
     ddim_sample,
     ddpm_invert,
@@ -366,23 +365,6 @@ def test_inversion_result_helpers():
     assert torch.equal(ddim.x_T, ddim.latents[-1]) and torch.equal(ddpm.x_T, ddpm.latents[0])
     with pytest.raises(ValueError, match="noise_maps"):
         Inversion(latents=ddpm.latents, sigmas=ddpm.sigmas, kind="ddpm")
-
-
-def test_cfg_denoise_combines_in_x0_space_like_eps_cfg():
-    cond = gaussian_denoiser
-    uncond_calls = [0]
-
-    def uncond(x, sigma):
-        uncond_calls[0] += 1
-        return wrong_denoiser(x, sigma)
-
-    x, sigma = clean_latent() * 3, torch.full((2,), 2.5)
-    guided = cfg_denoise(cond, uncond, 7.5)(x, sigma)
-    eps = lambda d: (x - d) / 2.5  # noqa: E731
-    eps_cfg = eps(uncond(x, sigma)) + 7.5 * (eps(cond(x, sigma)) - eps(uncond(x, sigma)))
-    assert max_abs(eps(guided), eps_cfg) < 1e-4
-    uncond_calls[0] = 0
-    assert torch.equal(cfg_denoise(cond, uncond, 1.0)(x, sigma), cond(x, sigma)) and uncond_calls[0] == 0
 
 
 def test_package_does_not_import_comfy():
