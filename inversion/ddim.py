@@ -50,7 +50,7 @@ def ddim_invert(
     Args:
         denoise: ``denoise(x, sigma) -> x0_hat`` in sigma space (see ``Denoiser``).
             Classifier-free guidance, conditioning and model options are the caller's
-            business: wrap them into ``denoise`` (:func:`cfg_denoise` helps).
+            business: wrap them into ``denoise`` (with ComfyUI, its CFG-wrapped model is one).
         x0: the latent at ``sigmas[0]``, ``[B, ...]``. Normally ``sigmas[0] == 0`` and
             this is the clean (VAE-encoded) latent; σ_0 = 0 needs no special case since
             only σ_{k+1} > 0 is ever divided by.
