@@ -174,9 +174,9 @@ class BoundedAttention(AttentionTechnique):
         for rows, queries, keys in groups:
             qg, kg, vg = (q, k, v) if rows is None else (q[rows], k[rows], v[rows])
             if queries is not None:
-                qg = qg[:, queries]
+                qg = qg.index_select(1, queries)
             if keys is not None:
-                kg, vg = kg[:, keys], vg[:, keys]
+                kg, vg = kg.index_select(1, keys), vg.index_select(1, keys)
             group_mask = None
             if outer is not None:
                 group_mask = outer if rows is None or outer.shape[0] == 1 else outer[rows]
@@ -187,10 +187,14 @@ class BoundedAttention(AttentionTechnique):
             result = attend(qg, kg, vg, group_mask)
             if out is None:
                 out = result.new_empty(*q.shape[:2], result.shape[-1])
-            if isinstance(rows, torch.Tensor) and queries is not None:
-                out[rows[:, None], queries] = result
+            if queries is None:
+                out[slice(None) if rows is None else rows] = result
+            elif rows is None:
+                out.index_copy_(1, queries, result)
+            elif isinstance(rows, slice):
+                out[rows].index_copy_(1, queries, result)  # a view of out
             else:
-                out[(slice(None) if rows is None else rows, slice(None) if queries is None else queries)] = result
+                out[rows[:, None], queries] = result
         return out
 
 
