@@ -27,7 +27,7 @@ from ..attention_patches import prompt_to_prompt as p2p
 from ..attention_patches.words import word_positions
 from ..inversion import Inversion
 from . import source_branch
-from .inversion import INVERSION, guided_sample, sample_replay
+from .inversion import INVERSION, check_inversion, guided_sample, sample_replay
 from .patching import attach_router
 from .tokens import one_chunk
 from .source_branch import SourceBranchGuider, sample_ddim_tracking_source
@@ -244,13 +244,7 @@ def edit_inversion(model, clip, inversion, negative, source_prompt: str, edit_pr
     `track_source` the source rows follow the inverted trajectory (direct inversion).
     Returns the user-space LATENT tensor, rows `[source, edit_1, ...]` per image.
     """
-    if not isinstance(inversion, Inversion):
-        raise ValueError(f"{IMAGE_NODE}: inversion: expected an INVERSION from DDIMInvert, got "
-                         f"{type(inversion).__name__}")
-    channels = model.get_model_object("latent_format").latent_channels
-    if inversion.latents.shape[2] != channels:
-        raise ValueError(f"{IMAGE_NODE}: inversion: its latent has {inversion.latents.shape[2]} channels, the model's "
-                         f"{channels}: invert with the model you edit with")
+    check_inversion(inversion, model, IMAGE_NODE)
     guider = make_guider(model, clip, negative, source_prompt, edit_prompts, cfg, **controls)
     group = guider.technique.group
     spread = lambda t: None if t is None else t.repeat_interleave(group, dim=1 if t.dim() == 5 else 0)  # noqa: E731
