@@ -14,7 +14,6 @@ on the raw random models.
 """
 
 import dataclasses
-import importlib
 
 import pytest
 import torch
@@ -27,8 +26,8 @@ SCHEDULER = "ddim_uniform"
 
 
 @pytest.fixture(scope="module")
-def inv(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.inversion")
+def inv(host):
+    return host.module("nodes.inversion")
 
 
 def conditioning(tiny, family, seed=5, batch=1):
@@ -287,10 +286,10 @@ def test_ddim_invert_states_where_the_clean_latent_sits(host):
     assert "σ = 0" in description and "ᾱ[0]" in description and "0.029" in description, description
 
 
-def inversion_nodes(pack):
+def inversion_nodes(host):
     """`(node, input, call)`: every node that takes an INVERSION, called with `model` and `inversion`, up to
     where it checks its inputs (nothing before that reads the CLIP or the prompts)."""
-    module = lambda name: importlib.import_module(pack.__name__ + ".nodes." + name)  # noqa: E731
+    module = lambda name: host.module("nodes." + name)  # noqa: E731
     inv, p2p, pnp = module("inversion"), module("prompt_to_prompt"), module("plug_and_play")
     xi, sa = module("cross_image"), module("style_aligned")
     return [
@@ -307,9 +306,9 @@ def inversion_nodes(pack):
 
 
 @pytest.mark.parametrize("index", range(5), ids=["replay", "p2p", "pnp", "cross_image", "style_from_photo"])
-def test_every_inversion_node_refuses_another_models_inversion(tiny, inv, pack, index):
+def test_every_inversion_node_refuses_another_models_inversion(tiny, inv, host, index):
     """One check, before any model call, for all of them: the family DDIMInvert recorded, the latent channels."""
-    node, name, call = inversion_nodes(pack)[index]
+    node, name, call = inversion_nodes(host)[index]
     sd15 = make_model(tiny, "sd15")
     method = "ddpm" if node == "CrossImageAttention" else "ddim"
     _, inversion = inv.invert(sd15, user_latent(sd15), conditioning(tiny, "sd15"), steps=2, method=method)
