@@ -32,6 +32,7 @@ from ..attention_patches.words import word_positions
 from ..inversion import Inversion
 from . import source_branch
 from .inversion import INVERSION, check_inversion, guided_sample, sample_replay
+from .null_text import add_null_text, null_text_embeddings
 from .patching import attach_router
 from .tokens import one_chunk
 from .source_branch import SourceBranchGuider, sample_ddim_tracking_source
@@ -254,15 +255,15 @@ class PromptToPromptEdit(io.ComfyNode):
 
 def edit_inversion(model, clip, inversion, negative, source_prompt: str, edit_prompts: list[str], cfg: float,
                    add_final_residual: bool = False, track_source: bool = True, positive=None,
-                   **controls) -> torch.Tensor:
+                   null_text: bool = False, **controls) -> torch.Tensor:
     """`edit_inversion_run`'s LATENT tensor."""
     return edit_inversion_run(model, clip, inversion, negative, source_prompt, edit_prompts, cfg, add_final_residual,
-                              track_source, positive, **controls)[0]
+                              track_source, positive, null_text, **controls)[0]
 
 
 def edit_inversion_run(model, clip, inversion, negative, source_prompt: str, edit_prompts: list[str], cfg: float,
                        add_final_residual: bool = False, track_source: bool = True, positive=None,
-                       **controls) -> tuple[torch.Tensor, PromptToPromptGuider]:
+                       null_text: bool = False, **controls) -> tuple[torch.Tensor, PromptToPromptGuider]:
     """Prompt-to-Prompt on an inverted image: every group `[source, edits...]` starts from the INVERSION.
 
     DDPM (edit-friendly): all rows replay the stored noise maps, so the source row
@@ -273,8 +274,17 @@ def edit_inversion_run(model, clip, inversion, negative, source_prompt: str, edi
     that sampled it (its technique holds the last step's local-blend mask).
     """
     check_inversion(inversion, model, IMAGE_NODE)
+    if null_text and inversion.kind != "ddim":
+        raise ValueError(f"{IMAGE_NODE}: null_text: needs a ddim inversion (DDIMInvert's method ddim, cfg 1); a ddpm "
+                         "inversion's source branch reconstructs the image without it")
+    if null_text and cfg <= 1.0:
+        raise ValueError(f"{IMAGE_NODE}: null_text: cfg is {cfg}; null-text optimisation corrects guided sampling "
+                         "(the authors: cfg 7.5), at cfg 1 there is no unconditional branch to optimise")
     guider = make_guider(model, clip, negative, source_prompt, edit_prompts, cfg, positive, **controls)
     group = guider.technique.group
+    if null_text:
+        embeddings = null_text_embeddings(model, inversion, encode_group(clip, [source_prompt]), negative, cfg)
+        add_null_text(guider.model_patcher, embeddings, inversion.sampling_sigmas, group)
     spread = lambda t: None if t is None else t.repeat_interleave(group, dim=1 if t.dim() == 5 else 0)  # noqa: E731
     grouped = Inversion(latents=spread(inversion.latents), sigmas=inversion.sigmas, kind=inversion.kind,
                         noise_maps=spread(inversion.noise_maps), final_residual=spread(inversion.final_residual))
@@ -314,7 +324,8 @@ class PromptToPromptEditInversion(io.ComfyNode):
                                                           "unused at cfg 1."),
                 io.Float.Input("cfg", default=1.0, min=1.0, max=30.0, step=0.1, round=0.01,
                                tooltip="The cfg the image was inverted with (DDIMInvert's): the source branch "
-                                       "reconstructs the image only with the inversion's prompt, negative and cfg."),
+                                       "reconstructs the image only with the inversion's prompt, negative and cfg. "
+                                       "With null_text: the guidance of the edit (the authors: 7.5)."),
                 *controls,
                 io.Boolean.Input("add_final_residual", default=False,
                                  tooltip="ddpm only: add the inversion's last-step residual to every row (exact "
@@ -325,6 +336,13 @@ class PromptToPromptEditInversion(io.ComfyNode):
                                          "inverted trajectory (direct inversion), so the source reconstructs the "
                                          "image exactly and the edits take its attention. Off: plain DDIM sampling "
                                          "of every branch from the inverted noise."),
+                io.Boolean.Input("null_text", default=False,
+                                 tooltip="ddim only: null-text optimisation (Mokady et al.): before sampling, "
+                                         "optimise the unconditional embedding of every step so that guided "
+                                         "sampling (cfg above 1, the authors' 7.5) retraces the cfg-1 DDIM "
+                                         "inversion; the source then reconstructs the image at that cfg. Costs up "
+                                         "to 10 backward passes per step (about 15x the edit's own sampling). "
+                                         "Use with track_source off; invert at cfg 1."),
                 io.Conditioning.Input("positive", optional=True, tooltip=POSITIVE_TOOLTIP),
             ],
             outputs=[io.Latent.Output(tooltip="Per image: the source (reconstruction), then each edit, in order."),
@@ -334,11 +352,11 @@ class PromptToPromptEditInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, inversion, negative, cfg, source_prompt, edit_prompts, mode, cross_replace_steps,
                 self_replace_steps, reweight, word_cross_replace_steps, blend_words, blend_threshold,
-                add_final_residual, track_source, positive=None) -> io.NodeOutput:
+                add_final_residual, track_source, null_text=False, positive=None) -> io.NodeOutput:
         edits = [line.strip() for line in edit_prompts.splitlines() if line.strip()]
         samples, guider = edit_inversion_run(
             model, clip, inversion, negative, source_prompt.strip(), edits, cfg, add_final_residual, track_source,
-            positive, mode=mode,
+            positive, null_text, mode=mode,
             cross_replace_steps=cross_replace_steps, self_replace_steps=self_replace_steps, reweight=reweight,
             word_cross_replace_steps=word_cross_replace_steps, blend_words=blend_words,
             blend_threshold=blend_threshold)

@@ -1,5 +1,7 @@
 """PromptToPromptEdit inside real ComfyUI sampling, on the demo model (a real trained SD1.5-architecture UNet)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -364,3 +366,38 @@ def test_a_controlnet_on_positive_reaches_the_real_image_branches(p2p, demo, sce
                                     cross_replace_steps=0.2, positive=positive)
     assert asked and set(asked) == {2}
     assert (controlled[0] - plain[0]).abs().mean() > 1e-2 and (controlled[1] - plain[1]).abs().mean() > 1e-2
+
+
+def test_null_text_reconstructs_a_ddim_inversion_at_cfg_7_5(p2p, host, demo):
+    """Null-text optimisation (the authors' settings): the source branch, sampled at cfg 7.5 from a cfg-1 DDIM
+    inversion of a rendered scene, matches the VAE reconstruction far better than plain guided DDIM sampling."""
+    from attention_lab.demo import world
+
+    model, clip = demo
+    _, _, vae = host.module("nodes.demo").DemoModelLoader.execute().result
+    inv = host.module("nodes.inversion")
+    rendered = world.render(world.random_scene(7, objects=[("red", "circle")], style="stripes",
+                                              background_color="yellow"), 128)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes: the optimisation must work there
+        latent = vae.encode(torch.from_numpy(rendered.image).float()[None] / 255)
+        reference = vae.decode(latent)
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(SOURCE))
+        _, inversion = inv.invert(model, latent, positive, negative(clip), cfg=1.0, steps=STEPS,
+                                  scheduler="ddim_uniform")
+        psnr = {}
+        for null_text in (False, True):
+            out = p2p.edit_inversion(model, clip, inversion, negative(clip), SOURCE, [EDIT], 7.5, track_source=False,
+                                     null_text=null_text, cross_replace_steps=0.0)
+            error = ((vae.decode(out[:1]) - reference) ** 2).mean()
+            psnr[null_text] = float(10 * torch.log10(1 / error))
+    assert psnr[True] >= 30 and psnr[False] < 25, psnr
+
+
+def test_null_text_errors(p2p, demo, scene):
+    model, clip = demo
+    ddpm, _ = scene
+    with pytest.raises(ValueError, match="PromptToPromptEditInversion: null_text: needs a ddim inversion"):
+        p2p.edit_inversion(model, clip, ddpm, negative(clip), SOURCE, [EDIT], 7.5, null_text=True)
+    ddim = dataclasses.replace(ddpm, kind="ddim", noise_maps=None, final_residual=None)
+    with pytest.raises(ValueError, match="PromptToPromptEditInversion: null_text: cfg is 1.0"):
+        p2p.edit_inversion(model, clip, ddim, negative(clip), SOURCE, [EDIT], 1.0, null_text=True)
