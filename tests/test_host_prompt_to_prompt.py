@@ -401,3 +401,13 @@ def test_null_text_errors(p2p, demo, scene):
     ddim = dataclasses.replace(ddpm, kind="ddim", noise_maps=None, final_residual=None)
     with pytest.raises(ValueError, match="PromptToPromptEditInversion: null_text: cfg is 1.0"):
         p2p.edit_inversion(model, clip, ddim, negative(clip), SOURCE, [EDIT], 1.0, null_text=True)
+
+
+@pytest.mark.parametrize("node", ["PromptToPromptEditInversion", "PromptToPromptBlendMask"])
+def test_every_input_and_output_has_a_tooltip(host, node):
+    schema = host.nodes.NODE_CLASS_MAPPINGS[node].define_schema()
+    assert all(getattr(i, "tooltip", None) for i in schema.inputs + schema.outputs)
+    defaults = {i.id: getattr(i, "default", None) for i in schema.inputs}
+    if node == "PromptToPromptEditInversion":
+        assert defaults["null_text"] is False and defaults["track_source"] is True
+        assert {o.id for o in schema.outputs} >= {"blend_mask"}
