@@ -9,7 +9,7 @@ to the appearance latent by masked AdaIN inside the objects' masks
 (docs/methods.md §2, garibida/cross-image-attention).
 
 The math is in named functions (`contrast`, `contrasted_attention`,
-`swap_guidance_scales`, `masked_adain`, `object_clusters`), the step plan in
+`swap_guidance_scales`, `masked_adain`, `label_clusters`), the step plan in
 `CrossImageSchedule`, and the attention side in one stateless technique,
 `CrossImageAttention`, driven by `CrossImagePass` records that the caller puts
 in `transformer_options[PASS_KEY]` for each UNet call: a *source* call (the
@@ -137,11 +137,6 @@ def masked_adain(content, style, content_mask, style_mask, eps: float = 1e-5) ->
 
 
 # -- object masks from self-attention clusters ----------------------------------------------
-
-
-def object_clusters(scores: Sequence[float], ratio: float = OBJECT_RATIO) -> list[bool]:
-    """Which clusters are the object when one noun is scored: `label_clusters` with one noun."""
-    return [label is not None for label in label_clusters([[score] for score in scores], ratio)]
 
 
 def label_clusters(scores: Sequence[Sequence[float]], ratio: float = OBJECT_RATIO) -> list[int | None]:

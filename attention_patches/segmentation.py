@@ -268,21 +268,6 @@ def pca_rgb(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return rgb.reshape(*grid, 3).float()
 
 
-def first_component_auc(features: torch.Tensor, grid: tuple[int, int], mask: np.ndarray) -> float:
-    """How well the first principal component (as `pca_rgb` orients it, bilinearly enlarged to the
-    mask's size) tells the mask's pixels from the rest: ROC AUC, 1 = every masked pixel brighter,
-    0.5 = chance, below 0.5 = the mask is the dark side."""
-    pc1 = pca_rgb(features, grid)[..., 0]
-    big = F.interpolate(pc1[None, None], size=mask.shape, mode="bilinear", align_corners=False)[0, 0].numpy().ravel()
-    inside = np.asarray(mask, dtype=bool).ravel()
-    if inside.all() or not inside.any():
-        raise ValueError("the mask must hold both object and background pixels")
-    ranks = np.empty(len(big))
-    ranks[np.argsort(big, kind="stable")] = np.arange(1, len(big) + 1)
-    positives = int(inside.sum())
-    return float((ranks[inside].sum() - positives * (positives + 1) / 2) / (positives * (len(big) - positives)))
-
-
 # -- pictures --------------------------------------------------------------------
 
 PALETTE = np.array([

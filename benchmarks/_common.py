@@ -3,15 +3,14 @@ command line, interleaved timing, and the markdown table every script prints.
 
 Models: the full-size SD1.5 (860 M parameters) and SDXL (2.6 B) UNet architectures with
 seeded random weights built on the device (speed does not depend on the values), or, with
-`--unet narrow`, the pack's narrow test UNets (same blocks and attention layers, 1/10 the
-width) for smoke runs. Defaults: on a GPU the users' sizes (SD1.5 512², SDXL 1024², fp16);
-on the CPU a size that finishes (fp32, a few steps).
+`--unet narrow`, the pack's narrow test UNets (tests/tiny_models.py: same blocks and attention
+layers, 1/10 the width) for smoke runs. Defaults: on a GPU the users' sizes (SD1.5 512², SDXL
+1024², fp16); on the CPU a size that finishes (fp32, a few steps).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import statistics
 import sys
@@ -19,7 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))  # the pack's loader
+sys.path.insert(0, str(REPO / "tests"))  # tiny_models: the narrow test UNets, built after the host is loaded
 
 import headless  # noqa: E402
 
@@ -52,32 +53,17 @@ FULL_UNET = {
 FULL_TEXT = {"sd15": (768, None), "sdxl": (2048, 1280)}  # (context width, pooled width)
 
 
-_hosts: dict[bool, headless.Host] = {}
-
-
 def load_host(cpu: bool | None = None) -> headless.Host:
-    """ComfyUI in this process with the pack loaded as its custom node; on the CPU when
-    `cpu` or when there is no CUDA, else on the device ComfyUI picks. Loaded once per
-    process (benchmarks/all.py and the smoke test run several scripts in one)."""
+    """ComfyUI in this process with the pack loaded as its custom node (`headless.load_host`: once
+    per process, as benchmarks/all.py and the smoke test run several scripts in one); on the CPU
+    when `cpu` or when there is no CUDA, else on the device ComfyUI picks."""
     import torch
 
-    cpu = bool(cpu) or not torch.cuda.is_available()
-    if cpu not in _hosts:
-        if _hosts:
-            raise SystemExit("one process holds one ComfyUI host: run CPU and GPU benchmarks separately")
-        root, how = headless.find_comfyui()
-        if root is None:
-            raise SystemExit(how)
-        _hosts[cpu] = headless.Host(root, cpu=cpu)
-        import comfy.utils
+    host = headless.load_host(cpu=bool(cpu) or not torch.cuda.is_available())
+    import comfy.utils
 
-        comfy.utils.PROGRESS_BAR_ENABLED = False  # KSampler's bars would interleave with the tables
-    return _hosts[cpu]
-
-
-def pack_module(host: headless.Host, name: str):
-    """One of the pack's modules as the host loaded it, e.g. pack_module(host, "nodes.bounded")."""
-    return importlib.import_module(f"{host.pack.__name__}.{name}")
+    comfy.utils.PROGRESS_BAR_ENABLED = False  # KSampler's bars would interleave with the tables
+    return host
 
 
 def node_defaults(node_class) -> dict:
@@ -252,9 +238,6 @@ class Setup:
     def latent_side(self) -> int:
         return self.args.size // 8
 
-    def module(self, name: str):
-        return pack_module(self.host, name)
-
     def model_name(self) -> str:
         return FULL_NAMES[self.family] if self.full else f"narrow test {self.family} UNet"
 
@@ -302,7 +285,7 @@ def setup(args: argparse.Namespace, host: headless.Host | None = None) -> Setup:
     import torch
 
     host = host or load_host(not args.gpu)
-    fixtures = pack_module(host, "nodes.tiny_models")
+    import tiny_models as fixtures
     dtype = torch_dtype(args.dtype)
     with torch.inference_mode():  # as ComfyUI's executor loads a checkpoint: the weights are inference tensors
         if args.unet == "full":

@@ -37,7 +37,7 @@ TARGETS = {"masks only, boxes": "≤ 1.2", "masks only, refined": "≤ 1.2", "bo
 
 
 def measure(s: _common.Setup) -> list[dict]:
-    bounded = s.module("nodes.bounded")
+    bounded = s.host.module("nodes.bounded")
     steps, cfg = s.args.steps, s.args.cfg
     guided_steps = max(1, round(0.3 * steps))
     positive, negative = s.conditioning()

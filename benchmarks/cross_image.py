@@ -28,8 +28,8 @@ FAMILIES = ("sd15",)  # the authors' model; the node encodes SD1.5 prompts
 def measure(s: _common.Setup) -> list[dict]:
     import nodes
 
-    inversion = s.module("nodes.inversion")
-    cross_image = s.module("nodes.cross_image")
+    inversion = s.host.module("nodes.inversion")
+    cross_image = s.host.module("nodes.cross_image")
     steps = s.args.steps
     clip = s.clip()
     counted = s.model.clone()

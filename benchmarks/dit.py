@@ -118,10 +118,10 @@ def main() -> int:
     cfg = 1.0 if args.model == "flux" else 4.5
 
     host = _common.load_host(not args.gpu)
-    patching = _common.pack_module(host, "nodes.patching")
-    AttentionTechnique = _common.pack_module(host, "attention_patches").AttentionTechnique
-    style_nodes = _common.pack_module(host, "nodes.style_aligned")
-    segment = _common.pack_module(host, "nodes.segment")
+    patching = host.module("nodes.patching")
+    AttentionTechnique = host.module("attention_patches").AttentionTechnique
+    style_nodes = host.module("nodes.style_aligned")
+    segment = host.module("nodes.segment")
     with torch.inference_mode():
         model, params = build(args, _common.torch_dtype(args.dtype))
         routed = model.clone()

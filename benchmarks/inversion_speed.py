@@ -21,7 +21,7 @@ MIN_STEPS = 2  # DDIMInvert's minimum
 def measure(s: _common.Setup) -> list[dict]:
     import nodes
 
-    inversion = s.module("nodes.inversion")
+    inversion = s.host.module("nodes.inversion")
     counted = s.model.clone()
     counter = _common.RowCounter()
     counted.set_model_unet_function_wrapper(counter)

@@ -26,8 +26,8 @@ MIN_STEPS = 2
 def measure(s: _common.Setup) -> list[dict]:
     import nodes
 
-    inversion = s.module("nodes.inversion")
-    pnp = s.module("nodes.plug_and_play")
+    inversion = s.host.module("nodes.inversion")
+    pnp = s.host.module("nodes.plug_and_play")
     steps = max(s.args.steps, MIN_STEPS)
     counted = s.model.clone()
     counter = _common.RowCounter()

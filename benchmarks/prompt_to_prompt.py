@@ -27,8 +27,8 @@ EDIT = "a photo of a dog riding a bike"
 def measure(s: _common.Setup) -> list[dict]:
     import comfy.samplers
 
-    p2p = s.module("nodes.prompt_to_prompt")
-    patching = s.module("nodes.patching")
+    p2p = s.host.module("nodes.prompt_to_prompt")
+    patching = s.host.module("nodes.patching")
     positive, negative = s.conditioning(2)  # rows: the source, the edit
     cond, extra = positive[0]
     one = lambda c: [[c[0][0][:1], {k: (v[:1] if k == "pooled_output" else v) for k, v in c[0][1].items()}]]  # noqa: E731

@@ -24,7 +24,6 @@ of the two prompted colours), first that applies:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import sys
@@ -77,9 +76,8 @@ class Lab:
         self.torch = torch
         self.host, self.plan = host, plan
         self.nodes = host.nodes
-        module = lambda name: importlib.import_module(f"{host.pack.__name__}.{name}")  # noqa: E731
-        self.world, self.detect = module("demo.world"), module("demo.detect")
-        self.weights = module("nodes.demo").weights_path()
+        self.world, self.detect = host.module("demo.world"), host.module("demo.detect")
+        self.weights = host.module("nodes.demo").weights_path()
         self.model, self.clip, self.vae = self.node("DemoModelLoader")
 
     def node(self, name: str, **inputs):
@@ -132,6 +130,26 @@ def psnr(a, b) -> float:
 def mean(values) -> float | None:
     values = list(values)
     return round(sum(values) / len(values), 3) if values else None
+
+
+def first_component_auc(features, grid: tuple[int, int], mask) -> float:
+    """How well the first principal component (as SelfAttnPCA's `pca_rgb` orients it, bilinearly enlarged
+    to the mask's size) tells the mask's pixels from the rest: ROC AUC, 1 = every masked pixel brighter,
+    0.5 = chance, below 0.5 = the mask is the dark side."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from attention_lab.attention_patches.segmentation import pca_rgb
+
+    pc1 = pca_rgb(features, grid)[..., 0]
+    big = F.interpolate(pc1[None, None], size=mask.shape, mode="bilinear", align_corners=False)[0, 0].numpy().ravel()
+    inside = np.asarray(mask, dtype=bool).ravel()
+    if inside.all() or not inside.any():
+        raise ValueError("the mask must hold both object and background pixels")
+    ranks = np.empty(len(big))
+    ranks[np.argsort(big, kind="stable")] = np.arange(1, len(big) + 1)
+    positives = int(inside.sum())
+    return float((ranks[inside].sum() - positives * (positives + 1) / 2) / (positives * (len(big) - positives)))
 
 
 def two_object_outcome(found: list[tuple[str, str]], subjects: list[tuple[str, str]]) -> str:
@@ -376,15 +394,14 @@ def segment_scores(lab: Lab, record, latent, text: str, truths: dict, absolute: 
         best = max(range(len(fits)), key=fits.__getitem__)
         scores["clustered"].append(fits[best])
         scores["label"].append(label_of[best] == word)
-    seg = importlib.import_module(f"{lab.host.pack.__name__}.attention_patches.segmentation")
-    grid, self_maps = importlib.import_module(f"{lab.host.pack.__name__}.nodes.segment").recorded_maps(
+    grid, self_maps = lab.host.module("nodes.segment").recorded_maps(
         record, "self", grids.get("resolution", 0), "quality")
     for truth in truths.values():
         coverage = F.adaptive_avg_pool2d(lab.torch.from_numpy(truth.astype(np.float32))[None, None], grid)
         enlarged = F.interpolate(coverage, size=truth.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
         scores["ceiling"].append(lab.detect.mask_iou(enlarged > 0.5, truth))
     objects = np.any(list(truths.values()), axis=0)
-    scores["pca"].append(seg.first_component_auc(self_maps[0], grid, objects))
+    scores["pca"].append(first_component_auc(self_maps[0], grid, objects))
     return scores
 
 
@@ -474,8 +491,6 @@ def cross_image_attention(lab: Lab) -> list[dict]:
     structure's mask) and take the appearance's object colour and background colour; the node's two MASKs should
     each cover its image's object (IoU >= 0.5 with the world's true mask). Run at the node's defaults (the paper's)
     and with adain_background on (the example's setting). Baseline: the structure's own replay, same prompt."""
-    if CROSS_IMAGE_NODE not in lab.nodes.NODE_CLASS_MAPPINGS:
-        return [{"section": "Cross-Image Attention", "metric": "missing (issue 7)", "value": None, "baseline": None, "n": 0}]
     world, detect = lab.world, lab.detect
     runs = {"defaults": {}, "adain_background": {"adain_background": True}}
     keys = ("kept", "colour", "background", "style", "structure_mask", "appearance_mask", "structure_mask_iou",
@@ -596,9 +611,6 @@ def prompt_to_prompt(lab: Lab) -> list[dict]:
     first 20% of the steps. Baseline: the same seed with the edited prompt (what users do today); a second
     baseline, ComfyUI's prompt scheduling (source prompt for the first 40% of the steps, then the edit), has its
     own rows."""
-    if P2P_NODE not in lab.nodes.NODE_CLASS_MAPPINGS:
-        return [{"section": "Prompt-to-Prompt", "metric": "missing (issue 31)", "value": None, "baseline": None,
-                 "n": 0}]
     import numpy as np
 
     detect = lab.detect
@@ -665,12 +677,7 @@ def prompt_to_prompt_real(lab: Lab) -> list[dict]:
     authors' defaults and with cross-attention replacement off (self-attention injection only). Scores against
     the source branch (the reconstruction); IoU against the rendered object's box. Baseline: InversionReplay of the
     same inversion with the edited prompt (edit-friendly DDPM editing without attention control)."""
-    if "PromptToPromptEditInversion" not in lab.nodes.NODE_CLASS_MAPPINGS:
-        return [{"section": "Prompt-to-Prompt, real", "metric": "missing (issue 31)", "value": None, "baseline": None,
-                 "n": 0}]
-    import importlib
-
-    p2p = importlib.import_module(f"{lab.host.pack.__name__}.nodes.prompt_to_prompt")
+    p2p = lab.host.module("nodes.prompt_to_prompt")
     settings = {"defaults": {}, "cross 0": {"cross_replace_steps": 0.0}}
     negative = lab.encode([""])
     rows = []
@@ -709,7 +716,6 @@ def prompt_to_prompt_real(lab: Lab) -> list[dict]:
     return rows
 
 
-PNP_NODE = "PlugAndPlay"
 PNP_STEPS = 50  # the authors' DDIM steps, for the inversion and the translation
 SDEDIT_STRENGTHS = (0.6, 0.75, 0.9)
 
@@ -757,11 +763,7 @@ def plug_and_play(lab: Lab, pictures: list | None = None) -> list[dict]:
     same graph with nothing injected (τ_f = τ_A = 0: plain DDIM sampling of the prompt from the inverted noise).
     SDEdit: img2img of the same latent (KSampler, euler, 50 steps, the prompt, cfg 5, an empty negative) at three
     denoise strengths. `pictures` (a list) receives (guidance, {setting: image}) per scene."""
-    if PNP_NODE not in lab.nodes.NODE_CLASS_MAPPINGS:
-        return [{"section": "Plug-and-Play", "metric": "missing (issue 32)", "value": None, "baseline": None, "n": 0}]
-    import importlib
-
-    pnp = importlib.import_module(f"{lab.host.pack.__name__}.nodes.plug_and_play")
+    pnp = lab.host.module("nodes.plug_and_play")
     off = {"feature_steps": 0.0, "attention_steps": 0.0}
     demo = {"cfg": lab.plan.cfg, "negative_prompt": ""}
     settings = {"paper": {}, "paper, nothing injected": off, "demo": demo, "demo, nothing injected": {**demo, **off}}

@@ -27,7 +27,7 @@ def record_mib(record, kinds=("self", "cross")) -> float:
 
 
 def measure(s: _common.Setup) -> list[dict]:
-    segment = s.module("nodes.segment")
+    segment = s.host.module("nodes.segment")
     steps, cfg = s.args.steps, s.args.cfg
     positive, negative = s.conditioning()
     noise = s.noise()

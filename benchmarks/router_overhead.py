@@ -19,8 +19,8 @@ GPU_STEPS, CPU_STEPS, CFG = 20, 2, 5.0
 
 
 def measure(s: _common.Setup) -> list[dict]:
-    patching = s.module("nodes.patching")
-    AttentionTechnique = s.module("attention_patches").AttentionTechnique
+    patching = s.host.module("nodes.patching")
+    AttentionTechnique = s.host.module("attention_patches").AttentionTechnique
 
     routed = s.model.clone()
     patching.attach_router(routed).add(AttentionTechnique())

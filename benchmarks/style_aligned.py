@@ -23,8 +23,8 @@ BATCH = 4
 
 
 def measure(s: _common.Setup) -> list[dict]:
-    nodes = s.module("nodes.style_aligned")
-    inversion = s.module("nodes.inversion")
+    nodes = s.host.module("nodes.style_aligned")
+    inversion = s.host.module("nodes.inversion")
     steps, cfg = s.args.steps, s.args.cfg
 
     styled = _common.run_node(nodes.SharedAttentionStyleAlign, model=s.model)[0]

@@ -58,15 +58,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    train = _common.pack_module(host, "demo.train")
-    world = _common.pack_module(host, "demo.world")
-    tiny = _common.pack_module(host, "nodes.tiny_models")
-    _, _, vae = tiny.load_demo_model(train.DEFAULT_OUT)
+    train = host.module("demo.train")
+    world = host.module("demo.world")
+    demo = host.module("nodes.demo")
+    _, _, vae = demo.load_demo_model(train.DEFAULT_OUT)
     budget = replace(train.Budget(), scenes=args.scenes, unet_iters=args.iters, ema=args.ema,
                      eval_prompts=args.fidelity_prompts)
     started = time.perf_counter()
     latents, scenes, cells = train.encode_scenes(world, vae.first_stage_model.float(),
-                                                 tiny.sd15_unet(seed=1).model, budget, 0, "cpu")
+                                                 demo.random_unet(seed=1).model, budget, 0, "cpu")
     print(f"{args.scenes} scenes encoded in {time.perf_counter() - started:.0f} s", flush=True)
 
     trained = args.scenes - args.held_out
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t = torch.randint(0, 1000, (len(index),), generator=generator)
     results = []
     for lr in args.lr:
-        patcher, clip = tiny.sd15_unet(seed=1), tiny.text_encoder(seed=2)
+        patcher, clip = demo.random_unet(seed=1), demo.text_encoder(seed=2)
         train.train_diffusion(world, clip, patcher, latents[:trained], scenes[:trained], cells[:trained],
                               replace(budget, unet_lr=lr), 0, "cpu")
         model = patcher.model
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"lr {lr:g}: weighted ε-loss {row['weighted']:.4f}  plain {row['plain']:.4f}  "
               f"plain at t < 400 {row['low_t']:.4f}", flush=True)
         if args.fidelity_prompts:
-            detect = _common.pack_module(host, "demo.detect")
+            detect = host.module("demo.detect")
             with torch.no_grad():
                 row["fidelity"] = train.single_object_fidelity(world, detect, clip, patcher, vae, budget, 0)
             print(f"lr {lr:g}: single-object fidelity over {args.fidelity_prompts} prompts: colour "

@@ -7,7 +7,7 @@
     python demo/train.py --resume demo/weights/demo_model.safetensors --unet-iters 1300
                                               # train on from a file this script wrote (see --resume)
 
-Three models, built from ComfyUI's own classes through nodes/tiny_models.py so
+Three models, built from ComfyUI's own classes through nodes/demo.py so
 the trained weights load into exactly the modules that sample them:
 1. the VAE (TAESD architecture) as an autoencoder on random crops of scenes;
    then the latents the UNet sees (after SD1.5's latent factor 0.18215) are
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -92,35 +91,16 @@ SMOKE = Budget(vae_iters=3, vae_adapt_iters=2, vae_batch=2, scenes=8, unet_iters
                eval_scenes=2, eval_prompts=2, sample_steps=2)
 
 
-def load_comfy(device: str) -> str:
-    """Import ComfyUI (found as the examples find it); returns how it was found."""
+def load_host(device: str):
+    """ComfyUI in this process with the pack loaded, through the pack's one loader (examples/headless.py),
+    on the CPU for `--device cpu`; returns (the host, how it was found)."""
     sys.path.insert(0, str(REPO / "examples"))
     import headless
 
     root, how = headless.find_comfyui()
     if root is None:
         raise SystemExit(how)
-    for path in [str(root)] + headless.host_pythonpath():
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = device == "cpu"  # must precede the first import of model_management
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-    import comfy.model_management  # noqa: F401
-
-    return how
-
-
-def load_by_path(name: str, path: Path, package: bool = False):
-    """Import a file or package folder of this repo under `name`, without putting the repo
-    on sys.path (its nodes/ would shadow ComfyUI's nodes module)."""
-    spec = importlib.util.spec_from_file_location(
-        name, path / "__init__.py" if package else path, submodule_search_locations=[str(path)] if package else None)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return headless.load_host(cpu=device == "cpu"), how
 
 
 def world_seed(seed: int, *stream: int) -> int:
@@ -177,7 +157,7 @@ def bf16_supported(device) -> bool:
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def train_vae(world, tiny, budget: Budget, seed: int, device, taesd=None, bf16: bool = False):
+def train_vae(world, demo, budget: Budget, seed: int, device, taesd=None, bf16: bool = False):
     """TAESD as an autoencoder on [0, 1] images, MSE loss, on random crops (under bfloat16
     autocast with `bf16`; weights and loss stay float32).
 
@@ -189,7 +169,7 @@ def train_vae(world, tiny, budget: Budget, seed: int, device, taesd=None, bf16: 
     decoder_only = taesd is not None
     if taesd is None:
         taesd = comfy.taesd.taesd.TAESD()
-        tiny.seeded_init(taesd, seed)
+        demo.seeded_init(taesd, seed)
     taesd.to(device).train()
     taesd.taesd_decoder.requires_grad_(True)
     taesd.taesd_encoder.requires_grad_(not decoder_only)
@@ -522,29 +502,28 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python demo/train.py " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     started, commit = time.perf_counter(), git_commit()
-    how = load_comfy(args.device)
+    host, how = load_host(args.device)
     import comfy.sd
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    load_by_path("attention_lab_demo", REPO / "demo", package=True)
-    world = importlib.import_module("attention_lab_demo.world")
+    world = host.module("demo.world")
     if not world.N_OBJECTS_WEIGHTS[0] <= budget.single_object_share <= 1:
         raise SystemExit(f"--single-object-share must be between the world's own share "
                          f"{world.N_OBJECTS_WEIGHTS[0]} and 1, got {budget.single_object_share}")
-    detect = importlib.import_module("attention_lab_demo.detect")
-    tiny = load_by_path("attention_lab_tiny_models", REPO / "nodes" / "tiny_models.py")
+    detect = host.module("demo.detect")
+    demo = host.module("nodes.demo")
     print(f"ComfyUI host: {how}; device {args.device}, {args.threads} threads; budget {asdict(budget)}", flush=True)
     vae_bf16 = budget.vae_bf16 and bf16_supported(device)
 
     if args.resume is None:
-        resumed_from, unet_patcher, clip = None, tiny.sd15_unet(seed=args.seed + 1), None
-        taesd, vae_s_per_it = train_vae(world, tiny, budget, args.seed, device, bf16=vae_bf16)
+        resumed_from, unet_patcher, clip = None, demo.random_unet(seed=args.seed + 1), None
+        taesd, vae_s_per_it = train_vae(world, demo, budget, args.seed, device, bf16=vae_bf16)
     else:
         resumed_from, vae_s_per_it = provenance(args.resume), None
-        unet_patcher, clip, trained_vae = tiny.load_demo_model(args.resume)
+        unet_patcher, clip, trained_vae = demo.load_demo_model(args.resume)
         taesd = trained_vae.first_stage_model.float()
     if resumed_from is not None and "latent_statistics_folded" in resumed_from:
         latent_statistics = resumed_from["latent_statistics_folded"]
@@ -553,11 +532,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         latent_statistics = normalise_latents(taesd.to(device), fold_scenes(world, budget, args.seed).to(device))
         print(f"[vae] per-channel latent statistics folded into the VAE: {latent_statistics}", flush=True)
-    taesd, decoder_s_per_it = train_vae(world, tiny, budget, args.seed, device, taesd=taesd, bf16=vae_bf16)
+    taesd, decoder_s_per_it = train_vae(world, demo, budget, args.seed, device, taesd=taesd, bf16=vae_bf16)
     latents, scenes, cells = encode_scenes(world, taesd, unet_patcher.model, budget, args.seed, device)
     print(f"[data] {len(scenes)} scenes encoded: latent mean {latents.mean():.3f} std {latents.std():.3f}", flush=True)
     taesd.cpu()
-    clip = clip or tiny.text_encoder(seed=args.seed + 2)
+    clip = clip or demo.text_encoder(seed=args.seed + 2)
     unet_s_per_it = train_diffusion(world, clip, unet_patcher, latents, scenes, cells, budget, args.seed, device,
                                     fresh=args.resume is None)
 
@@ -574,7 +553,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command, "seed": str(args.seed), "device": args.device, "budget": asdict(budget),
         "latent_statistics_folded": latent_statistics,
         "vae_autocast": "bfloat16" if vae_bf16 else "float32",
-        "unet_config": tiny.SD15_UNET, "text_config": tiny.TEXT_CONFIG, "metrics": metrics,
+        "unet_config": demo.UNET_CONFIG, "text_config": demo.TEXT_CONFIG, "metrics": metrics,
         "git_commit": commit, "torch": torch.__version__, "vocabulary": world.vocabulary(),
     }
     if resumed_from is not None:

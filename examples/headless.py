@@ -1,15 +1,33 @@
-"""Run this pack's workflows in ComfyUI without its server.
+"""Load this pack, and run its workflows in ComfyUI without its server.
 
-Used by `examples/run.py` (the README's main command) and by the test suite, so
-the examples users drag into ComfyUI are exactly what the tests execute. Finds
-the host (COMFYUI_PATH, the ComfyUI holding this pack in `custom_nodes/`, then
-`~/comfy/ComfyUI`), loads this pack the way ComfyUI does (`load_custom_node`),
-and executes API-format prompts through ComfyUI's own `PromptExecutor`.
+The one way in for everything outside ComfyUI: `examples/run.py` (the README's
+main command), the tests, the benchmarks and `demo/train.py`, so the examples
+users drag into ComfyUI are exactly what the tests execute.
+
+- Importing this module registers the pack's folder as the package
+  `attention_lab` (PACKAGE): `import attention_lab.attention_patches` works
+  with no ComfyUI, for whatever needs only the plain-torch parts
+  (`attention_patches/`, `inversion/`, `demo/`). The folder cannot simply go on
+  sys.path: its `nodes/` would shadow ComfyUI's `nodes.py`.
+- `load_host()` finds the host (COMFYUI_PATH, the ComfyUI holding this pack in
+  `custom_nodes/`, then `~/comfy/ComfyUI`), loads this pack the way ComfyUI
+  does (`load_custom_node`), and executes API-format prompts through ComfyUI's
+  own `PromptExecutor`; `module("nodes.segment")` hands out the pack's modules.
+
+ComfyUI names the pack's top module after its folder path and imports the rest
+relative to it; here those imports resolve to the `attention_lab.*` modules
+(`_ComfyNameForPack`), so every module exists once: a router, a technique or a
+node class is the same object whether a test, a benchmark or ComfyUI's
+executor got it, and `isinstance` holds across them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import json
 import os
 import sys
@@ -20,6 +38,53 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STUBS = REPO / "tests" / "stubs"
+PACKAGE = "attention_lab"
+
+
+class _ComfyNameForPack(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves `<ComfyUI's name for this pack>.<sub>` with the module `attention_lab.<sub>`.
+
+    ComfyUI's `load_custom_node` executes the pack's `__init__.py` as a module named
+    after the folder's path; the `from .nodes import ...` in it then arrives here, and
+    the submodule it gets is the one `import attention_lab.nodes` gives.
+    """
+
+    _init = str(REPO / "__init__.py")
+
+    def find_spec(self, fullname, path=None, target=None):
+        top, _, rest = fullname.partition(".")
+        if not rest or top == PACKAGE or getattr(sys.modules.get(top), "__file__", None) != self._init:
+            return None
+        module = importlib.import_module(f"{PACKAGE}.{rest}")
+        return importlib.util.spec_from_loader(fullname, self, is_package=hasattr(module, "__path__"))
+
+    def create_module(self, spec):
+        module = sys.modules[f"{PACKAGE}.{spec.name.partition('.')[2]}"]
+        self._own_spec = module.__spec__  # the import system sets __spec__ to the alias's spec next
+        return module
+
+    def exec_module(self, module):
+        module.__spec__ = self._own_spec
+
+
+def register_pack() -> None:
+    """Make this pack's folder importable as `attention_lab` (its `__init__`, ComfyUI's entry
+    point, does not run: ComfyUI's own top module holds that), once per process."""
+    if PACKAGE not in sys.modules:
+        spec = importlib.machinery.ModuleSpec(PACKAGE, None, is_package=True)
+        spec.submodule_search_locations = [str(REPO)]
+        sys.modules[PACKAGE] = importlib.util.module_from_spec(spec)
+    if not any(isinstance(finder, _ComfyNameForPack) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _ComfyNameForPack())
+
+
+def module(name: str):
+    """The pack's module `name` (e.g. "nodes.segment", "attention_patches.router"): `attention_lab.<name>`.
+    Modules under `nodes/` import ComfyUI: load the host first (`load_host`)."""
+    return importlib.import_module(f"{PACKAGE}.{name}")
+
+
+register_pack()
 
 
 def _is_comfyui(path: Path) -> bool:
@@ -91,7 +156,7 @@ class Host:
     """A ComfyUI loaded in this process, with this pack loaded as a custom node."""
 
     def __init__(self, root: Path, output_dir: Path | None = None, cpu: bool = True):
-        self.root = Path(root)
+        self.root, self.cpu = Path(root), cpu
         for p in [str(self.root)] + host_pythonpath():
             if p not in sys.path:
                 sys.path.insert(0, p)
@@ -124,10 +189,15 @@ class Host:
         if not asyncio.run(nodes.load_custom_node(str(REPO), module_parent="custom_nodes")):
             raise RuntimeError(f"ComfyUI could not load the pack at {REPO}: see the log above")
         self.pack_nodes = sorted(set(nodes.NODE_CLASS_MAPPINGS) - before)
-        self.pack = sys.modules[str(REPO).replace(".", "_x_")]
+        self.pack = sys.modules[str(REPO).replace(".", "_x_")]  # ComfyUI's top module of the pack (its entry point)
         self.server = _ServerStub()
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
         self._object_info = None
+
+    @staticmethod
+    def module(name: str):
+        """The pack's module `name`, as this host runs it (see `module`)."""
+        return module(name)
 
     @property
     def object_info(self) -> dict:
@@ -179,6 +249,31 @@ def needs_checkpoint(path: Path) -> bool:
     """
     workflow = json.loads(Path(path).read_text())
     return any(node.get("type") in CHECKPOINT_LOADERS for node in workflow.get("nodes", []))
+
+
+_host: Host | None = None
+
+
+def load_host(cpu: bool = True, output_dir: Path | None = None) -> Host:
+    """This process's ComfyUI host with the pack loaded: the first call starts it, later calls
+    get the same one (a second start would load every node again). `cpu`: as `Host`;
+    `output_dir`: where SaveImage writes (default: the host's own output folder)."""
+    global _host
+    if _host is None:
+        root, how = find_comfyui()
+        if root is None:
+            raise SystemExit(how)
+        _host = Host(root, output_dir=output_dir, cpu=cpu)
+        return _host
+    if _host.cpu != cpu:
+        raise SystemExit(f"this process already holds a ComfyUI host with cpu={_host.cpu}: one process, one host "
+                         "(run CPU and GPU work in separate processes)")
+    if output_dir is not None:
+        import folder_paths
+
+        folder_paths.set_output_directory(str(output_dir))
+        _host.output_dir = Path(output_dir)
+    return _host
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ui_to_api sits beside this file

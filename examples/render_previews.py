@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         return 2
     # the workflows' own saved images go to a scratch folder: only the previews are kept
     with tempfile.TemporaryDirectory(prefix="attention_lab_previews_") as scratch:
-        host = headless.Host(root, output_dir=Path(scratch))
+        host = headless.load_host(output_dir=Path(scratch))
         demo = [p for p in sorted(EXAMPLES.glob("*.json")) if not headless.needs_checkpoint(p)]
         render(host, args.workflows or demo, args.out, args.width)
     return 0

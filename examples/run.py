@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     if root is None:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    host = headless.Host(root, output_dir=args.out.resolve())
+    host = headless.load_host(output_dir=args.out.resolve())
     for path in args.workflows:
         outputs = host.run(json.loads(path.read_text()))
         images = [img for out in outputs.values() for img in out.get("images", [])]

@@ -22,7 +22,7 @@ with ``step`` = calls done so far (1..total).
 """
 
 from ._common import Denoiser, ProgressCallback
-from .ddim import cfg_denoise, ddim_invert, ddim_sample
+from .ddim import ddim_invert, ddim_sample
 from .ddpm import ddpm_invert, ddpm_replay, ddpm_step_coefficients
 from .result import Inversion, InversionKind
 
@@ -31,7 +31,6 @@ __all__ = [
     "Inversion",
     "InversionKind",
     "ProgressCallback",
-    "cfg_denoise",
     "ddim_invert",
     "ddim_sample",
     "ddpm_invert",

@@ -21,25 +21,6 @@ from ._common import (
 from .result import Inversion
 
 
-def cfg_denoise(denoise_cond: Denoiser, denoise_uncond: Denoiser, scale: float) -> Denoiser:
-    """Combine two denoisers with classifier-free guidance: ``D_u + scale·(D_c − D_u)``.
-
-    Guiding the x0 prediction is the same as guiding ε, because at a fixed
-    ``(x, σ)`` ε = (x − x0)/σ is affine in x0 with branch-independent coefficients.
-    With ``scale == 1`` the unconditional model is never called.
-    """
-    scale = float(scale)
-
-    def denoise(x: Tensor, sigma: Tensor) -> Tensor:
-        cond = denoise_cond(x, sigma)
-        if scale == 1.0:
-            return cond
-        uncond = denoise_uncond(x, sigma)
-        return uncond + (cond - uncond) * scale
-
-    return denoise
-
-
 @torch.no_grad()
 def ddim_invert(
     denoise: Denoiser,
@@ -69,7 +50,7 @@ def ddim_invert(
     Args:
         denoise: ``denoise(x, sigma) -> x0_hat`` in sigma space (see ``Denoiser``).
             Classifier-free guidance, conditioning and model options are the caller's
-            business: wrap them into ``denoise`` (:func:`cfg_denoise` helps).
+            business: wrap them into ``denoise`` (with ComfyUI, its CFG-wrapped model is one).
         x0: the latent at ``sigmas[0]``, ``[B, ...]``. Normally ``sigmas[0] == 0`` and
             this is the clean (VAE-encoded) latent; σ_0 = 0 needs no special case since
             only σ_{k+1} > 0 is ever divided by.

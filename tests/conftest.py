@@ -1,27 +1,25 @@
 """Test wiring.
 
-Core tests import `attention_lab.attention_patches` / `attention_lab.inversion`
-(an alias of this repo that does not run the ComfyUI-facing `__init__`). Host
-tests take the `host` fixture: a real ComfyUI with this pack loaded as
-ComfyUI loads it, or a skip that prints why there is none.
+`examples/headless.py` is the pack's one loader. Importing it makes this repo
+the package `attention_lab`: core tests import `attention_lab.attention_patches`,
+`attention_lab.inversion` and `attention_lab.demo` with no ComfyUI. Host tests
+take the `host` fixture: a real ComfyUI with this pack loaded as ComfyUI loads
+it (or a skip that prints why there is none), and get the pack's modules from
+`host.module("nodes.segment")`; those are the very modules the core tests
+imported, so objects pass between them. `tiny` is tests/tiny_models.py, the
+small seeded-random models host tests and benchmarks build.
 """
 
 from __future__ import annotations
 
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "tests"))  # shared test helpers (attention_reference)
-
-if "attention_lab" not in sys.modules:
-    _pkg = types.ModuleType("attention_lab")
-    _pkg.__path__ = [str(ROOT)]
-    sys.modules["attention_lab"] = _pkg
+sys.path.insert(0, str(ROOT / "tests"))  # shared test helpers (attention_reference, tiny_models)
 
 import headless  # noqa: E402
 
@@ -37,15 +35,11 @@ def host(tmp_path_factory):
     if COMFY_ROOT is None:
         print(f"host tests skipped: {COMFY_HOW}")
         pytest.skip(COMFY_HOW)
-    return headless.Host(COMFY_ROOT, output_dir=tmp_path_factory.mktemp("comfy_output"))
+    return headless.load_host(cpu=True, output_dir=tmp_path_factory.mktemp("comfy_output"))
 
 
 @pytest.fixture(scope="session")
-def pack(host):
-    """This pack's package as ComfyUI loaded it (its nodes, patching, tiny models)."""
-    return host.pack
+def tiny(host):
+    import tiny_models
 
-
-@pytest.fixture(scope="session")
-def tiny(pack):
-    return pack.nodes.tiny_models
+    return tiny_models

@@ -22,7 +22,6 @@ from attention_lab.attention_patches.cross_image import (
     contrasted_attention,
     masked_adain,
     label_clusters,
-    object_clusters,
     object_mask,
     swap_guidance_scales,
     swap_guided,
@@ -112,6 +111,11 @@ def test_adain_and_masked_adain_match_the_equations():
     assert torch.allclose(om, sm) and torch.allclose(os_, ss, atol=1e-4)
     # identity when content and style are the same latent and mask
     assert torch.allclose(masked_adain(content, content, content_mask, content_mask), content)
+
+
+def object_clusters(scores):
+    """The authors' rule with one noun scored: which clusters are the object."""
+    return [label is not None for label in label_clusters([[score] for score in scores])]
 
 
 def test_object_clusters_rule():

@@ -1,6 +1,5 @@
 """BoundedAttentionLayout in real ComfyUI: subject resolution, errors, masks-only and guided sampling."""
 
-import importlib
 import json
 from pathlib import Path
 
@@ -16,8 +15,8 @@ BOX_CASES = json.loads((Path(__file__).parent / "box_format_cases.json").read_te
 
 
 @pytest.fixture(scope="module")
-def node(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.bounded")
+def node(host):
+    return host.module("nodes.bounded")
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +111,7 @@ def test_clear_errors(node, tiny, clip, overrides, message):
         node._apply(tiny.sd15_unet(seed=0), clip, **inputs(**overrides))
 
 
-def test_unsupported_family_is_refused(node, clip, pack):
+def test_unsupported_family_is_refused(node, clip, host):
     class FakeFlux:
         class model:  # noqa: N801 - mimics ModelPatcher.model
             diffusion_model = torch.nn.Linear(1, 1)
@@ -126,14 +125,14 @@ def test_unsupported_family_is_refused(node, clip, pack):
         node._apply(FakeFlux(), clip, **inputs())
 
 
-def test_sd2_style_unet_uses_the_sd15_layers_and_sdxl_its_own(node, tiny, clip, pack):
-    patching = importlib.import_module(pack.__name__ + ".nodes.patching")
+def test_sd2_style_unet_uses_the_sd15_layers_and_sdxl_its_own(node, tiny, clip, host):
+    patching = host.module("nodes.patching")
     for make, family in ((tiny.sd2v_unet, "sd15"), (tiny.sdxl_unet, "sdxl")):
         # at the authors' size (SD1.x 512 px, SDXL 1024 px): their blocks
         size = {"sd15": 512, "sdxl": 1024}[family]
         patched = node._apply(make(seed=0), clip, **inputs(width=size, height=size))
         probe = next(t for t in patching.router_of(patched).techniques if t.name == "bounded_guidance")
-        assert probe.loss_layers == pack.attention_patches.bounded.LOSS_LAYERS[family]
+        assert probe.loss_layers == host.module("attention_patches.bounded").LOSS_LAYERS[family]
         assert probe.config.step_size_start == {"sd15": 8.0, "sdxl": 18.0}[family]
 
 

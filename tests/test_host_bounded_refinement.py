@@ -1,7 +1,6 @@
 """BoundedAttentionLayout's mask refinement in real ComfyUI sampling on a tiny SD1.5 model."""
 
 import dataclasses
-import importlib
 
 import pytest
 import torch
@@ -14,13 +13,13 @@ LATENT = 16  # 128 px: the mask layers (the first decoder attention block) run a
 
 
 @pytest.fixture(scope="module")
-def node(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.bounded")
+def node(host):
+    return host.module("nodes.bounded")
 
 
 @pytest.fixture(scope="module")
-def patching(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.patching")
+def patching(host):
+    return host.module("nodes.patching")
 
 
 def technique_of(patching, model, name="bounded_attention"):

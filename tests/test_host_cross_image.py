@@ -6,7 +6,6 @@ output. The call plan checks that the appearance and structure branches are read
 from their inversions, never denoised, and what each step costs in UNet rows.
 """
 
-import importlib
 
 import pytest
 import torch
@@ -16,13 +15,13 @@ STRUCTURE_PROMPT, APPEARANCE_PROMPT = "A photo of a cat", "A photo of a dog"
 
 
 @pytest.fixture(scope="module")
-def xi(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.cross_image")
+def xi(host):
+    return host.module("nodes.cross_image")
 
 
 @pytest.fixture(scope="module")
-def inv(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.inversion")
+def inv(host):
+    return host.module("nodes.inversion")
 
 
 def user_latent(model, seed, shape=(1, 4, 16, 16)):
@@ -185,7 +184,7 @@ def test_an_appearance_of_another_size_is_named_in_a_warning(sd15, inv, xi, capl
     assert "CrossImageAttention: appearance: its latent is 12x20, the structure's 16x16" in caplog.text
 
 
-def test_object_words_missing_from_the_prompt_are_refused_when_the_graph_is_validated(host, pack):
+def test_object_words_missing_from_the_prompt_are_refused_when_the_graph_is_validated(host):
     """ComfyUI's own prompt validation refuses the graph, so neither DDIMInvert runs."""
     import asyncio
     import json
@@ -206,20 +205,20 @@ def test_object_words_missing_from_the_prompt_are_refused_when_the_graph_is_vali
     assert cls.validate_inputs("cat", "dog", "a {}") is True
 
 
-def test_masks_read_every_layer_of_the_two_top_decoder_levels(sd15, xi, pack):
+def test_masks_read_every_layer_of_the_two_top_decoder_levels(sd15, xi, host):
     """One layer's self-attention can be near-uniform on a small model (the demo model's last 16² layer), so
     the clusters come from the mean over the highest decoder level's layers, the labels from the next level's."""
     model, clip, structure, appearance = sd15
-    patching = importlib.import_module(pack.__name__ + ".nodes.patching")
+    patching = host.module("nodes.patching")
     levels = patching.decoder_levels(model)
     _, guider = xi.transfer(model, clip, structure, appearance, xi.CrossImageSettings("cat", "dog"))
     assert guider.recorder.selection.layers == frozenset(levels[0] + levels[1])
 
 
-def test_adain_background_matches_the_background_outside_the_masks(sd15, xi, pack):
+def test_adain_background_matches_the_background_outside_the_masks(sd15, xi, host):
     """With planted masks: the object is matched either way; adain_background also moves the background's
     statistics (outside the structure's mask) to those of the appearance's background."""
-    ci = importlib.import_module(pack.__name__ + ".attention_patches.cross_image")
+    ci = host.module("attention_patches.cross_image")
     model, clip, structure, appearance = sd15
     _, guider = xi.transfer(model, clip, structure, appearance, xi.CrossImageSettings("cat", "dog"))
     mask = torch.zeros(1, 16, 16)

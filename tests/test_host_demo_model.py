@@ -5,7 +5,6 @@ Runs against the weights DemoModelLoader uses (demo/weights/demo_model.safetenso
 or $ATTENTION_LAB_DEMO_WEIGHTS); without them the loader's error says how to train them.
 """
 
-import importlib
 import time
 
 import pytest
@@ -20,8 +19,8 @@ PROMPTS = [("a red circle", "red", "circle"), ("a blue square", "blue", "square"
 
 
 @pytest.fixture(scope="module")
-def demo(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.demo")
+def demo(host):
+    return host.module("nodes.demo")
 
 
 def txt2img_prompt(text: str, seed: int, batch: int) -> dict:
@@ -39,13 +38,13 @@ def txt2img_prompt(text: str, seed: int, batch: int) -> dict:
     }
 
 
-def test_loader_restores_the_vocabulary_rows_and_zeroes_the_rest(demo, tiny):
+def test_loader_restores_the_vocabulary_rows_and_zeroes_the_rest(demo):
     path = demo.weights_path()
     _, clip, _ = demo.load_demo_model(path)
     with safe_open(str(path), framework="pt") as handle:
-        rows = handle.get_tensor("clip." + tiny.TOKEN_EMBEDDING).float()
-        ids = handle.get_tensor("clip." + tiny.TOKEN_IDS).long()
-    table = clip.cond_stage_model.state_dict()[tiny.TOKEN_EMBEDDING].float()
+        rows = handle.get_tensor("clip." + demo.TOKEN_EMBEDDING).float()
+        ids = handle.get_tensor("clip." + demo.TOKEN_IDS).long()
+    table = clip.cond_stage_model.state_dict()[demo.TOKEN_EMBEDDING].float()
     assert table.shape == (49408, rows.shape[1])
     assert torch.equal(table[ids], rows)
     others = torch.ones(table.shape[0], dtype=torch.bool)

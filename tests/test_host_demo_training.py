@@ -75,7 +75,7 @@ def test_a_smoke_run_writes_a_loadable_file_and_resume_records_its_origin(host, 
     meta = json.loads(first.with_suffix(".json").read_text())
     assert meta["command"] == f"python demo/train.py --smoke --threads 1 --out {first}"
     assert set(meta["latent_statistics_folded"]) == {"mean", "std"}
-    model, clip, vae = host.pack.nodes.tiny_models.load_demo_model(first)
+    model, clip, vae = host.module("nodes.demo").load_demo_model(first)
     assert vae.first_stage_model.vae_scale.item() == pytest.approx(train.SD15_LATENT_FACTOR, rel=1e-3)  # stored as float16
 
     _run("--seed", "1", "--resume", str(first), "--out", str(second), "--vae-bf16", "off")

@@ -1,6 +1,5 @@
 """The router on Flux and SD3 inside real ComfyUI sampling, on tiny random-weight DiTs (tests/tiny_dit.py)."""
 
-import importlib
 
 import pytest
 import torch
@@ -9,13 +8,13 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def patching(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.patching")
+def patching(host):
+    return host.module("nodes.patching")
 
 
 @pytest.fixture(scope="module")
-def dit(pack):
-    return importlib.import_module(pack.__name__ + ".attention_patches.dit")
+def dit(host):
+    return host.module("attention_patches.dit")
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +78,12 @@ def expected_layers(name):
 
 
 @pytest.mark.parametrize("cfg", [1.0, 3.0], ids=["cfg1", "cfg3"])
-def test_identity_with_router_on(family, patching, pack, cfg):
+def test_identity_with_router_on(family, patching, host, cfg):
     name, model, positive, negative = family
     reference = sample(model, positive, negative, cfg)
     routed = model.clone()
     router = patching.attach_router(routed, families=("flux", "sd3"))
-    technique, calls = counting(pack.attention_patches.AttentionTechnique)
+    technique, calls = counting(host.module("attention_patches").AttentionTechnique)
     router.add(technique)
     out = sample(routed, positive, negative, cfg)
 
@@ -98,11 +97,11 @@ def test_identity_with_router_on(family, patching, pack, cfg):
     assert {c.step for c, _, _ in calls} == set(range(STEPS)) and {c.total_steps for c, _, _ in calls} == {STEPS}
 
 
-def test_call_context_on_the_joint_layout(family, patching, pack, tiny_dit):
+def test_call_context_on_the_joint_layout(family, patching, host, tiny_dit):
     name, model, positive, negative = family
     routed = model.clone()
     router = patching.attach_router(routed, families=("flux", "sd3"))
-    technique, calls = counting(pack.attention_patches.AttentionTechnique)
+    technique, calls = counting(host.module("attention_patches").AttentionTechnique)
     router.add(technique)
     sample(routed, positive, negative, cfg=3.0, batch=3, height=12, width=20)
     first = calls[: len(router.layers)]
@@ -122,12 +121,12 @@ def test_call_context_on_the_joint_layout(family, patching, pack, tiny_dit):
         assert kinds == ["double_block"] * 2 + ["single_block"] * 4
 
 
-def test_techniques_change_the_output(family, patching, pack):
+def test_techniques_change_the_output(family, patching, host):
     """The override really is on the path: a technique that drops the image values changes the result."""
     name, model, positive, negative = family
     reference = sample(model, positive, negative)
 
-    class DropImageValues(pack.attention_patches.AttentionTechnique):
+    class DropImageValues(host.module("attention_patches").AttentionTechnique):
         families = frozenset({"flux", "sd3"})
 
         def __call__(self, q, k, v, call, attend, mask=None):
@@ -141,7 +140,7 @@ def test_techniques_change_the_output(family, patching, pack):
     assert (out - reference).abs().max() > 1e-2
 
 
-def test_foreign_override_before_and_after_us(family, patching, pack):
+def test_foreign_override_before_and_after_us(family, patching, host):
     name, model, positive, negative = family
     reference = sample(model, positive, negative)
 
@@ -149,7 +148,7 @@ def test_foreign_override_before_and_after_us(family, patching, pack):
     before = ForeignOverride()
     m.model_options["transformer_options"]["optimized_attention_override"] = before
     router = patching.attach_router(m, families=("flux", "sd3"))
-    technique, calls = counting(pack.attention_patches.AttentionTechnique)
+    technique, calls = counting(host.module("attention_patches").AttentionTechnique)
     router.add(technique)
     ours = m.model_options["transformer_options"]["optimized_attention_override"]
     assert ours is not before and ours.previous is before  # chained, not replaced
@@ -166,7 +165,7 @@ def test_foreign_override_before_and_after_us(family, patching, pack):
     assert (out - reference).abs().max() <= 1e-6
 
 
-def test_foreign_block_patch_before_us_runs(family, patching, pack):
+def test_foreign_block_patch_before_us_runs(family, patching, host):
     name, model, positive, negative = family
     reference = sample(model, positive, negative)
     seen = []
@@ -179,7 +178,7 @@ def test_foreign_block_patch_before_us_runs(family, patching, pack):
     m = model.clone()
     m.set_model_patch_replace(foreign, "dit", "double_block", 0)
     router = patching.attach_router(m, families=("flux", "sd3"))
-    technique, calls = counting(pack.attention_patches.AttentionTechnique)
+    technique, calls = counting(host.module("attention_patches").AttentionTechnique)
     router.add(technique)
     out = sample(m, positive, negative)
     assert len(seen) == STEPS and all(s == ("double_block", 0) for s in seen)  # ours ran first, then theirs
@@ -201,29 +200,29 @@ def test_clones_and_base_model(family, patching):
     assert patching.attach_router(again, families=("flux", "sd3")) is clone_router
 
 
-def test_unsupported_family_is_named(family, patching, pack):
+def test_unsupported_family_is_named(family, patching, host):
     name, model, positive, negative = family
     shown = "SD3" if name == "sd3" else "Flux"
     with pytest.raises(patching.UnsupportedModelError, match=f"SomeNode: the model is {shown}; SomeNode supports SD1"):
         patching.attach_router(model.clone(), node="SomeNode")
     router = patching.attach_router(model.clone(), families=("flux", "sd3"))
     with pytest.raises(ValueError, match=f"technique: the model is {shown}, and technique supports SD1.x/SD2.x/SDXL UNet"):
-        router.add(pack.attention_patches.AttentionTechnique())
+        router.add(host.module("attention_patches").AttentionTechnique())
 
 
 def test_unet_only_nodes_refuse_dits_naming_node_and_family(tiny_dit, host):
-    segment = importlib.import_module(host.pack.__name__ + ".nodes.segment")
+    segment = host.module("nodes.segment")
     positive, _ = tiny_dit.conds(seed=1)
     latent = {"samples": torch.zeros(1, 16, 16, 16)}
     with pytest.raises(ValueError, match="RecordAttentionPass: the model is Flux.*RecordAttentionPass supports SD1.x"):
         segment.RecordAttentionPass.execute(tiny_dit.flux_model(seed=1), positive, latent, 0.5, 0, 0, False)
 
 
-def test_an_override_that_cuts_us_off_is_reported(family, patching, pack, caplog):
+def test_an_override_that_cuts_us_off_is_reported(family, patching, host, caplog):
     name, model, positive, negative = family
     m = model.clone()
     router = patching.attach_router(m, families=("flux", "sd3"))
-    technique, calls = counting(pack.attention_patches.AttentionTechnique)
+    technique, calls = counting(host.module("attention_patches").AttentionTechnique)
     router.add(technique)
     m.model_options["transformer_options"]["optimized_attention_override"] = ForeignOverride()  # does not chain
     with caplog.at_level("WARNING", logger="attention_lab"):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import headless
@@ -76,9 +75,8 @@ def test_dit_example_executes_with_style_aligned(host, tiny_loader, path):
     assert all(p.shape == (128, 128, 3) for p in pixels)
     # The patched model ran: its router holds the DiT StyleAligned technique on the family's default blocks.
     model = host.node_output(str(next(iter(styled))))[0][0]
-    import importlib
 
-    patching = importlib.import_module(host.pack.__name__ + ".nodes.patching")
+    patching = host.module("nodes.patching")
     router = patching.router_of(model)
     assert router.family == ("flux" if "flux" in path.stem else "sd3")
     technique = [t for t in router.techniques if t.name == "SharedAttentionStyleAlign"][0]

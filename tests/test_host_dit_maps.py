@@ -1,7 +1,5 @@
 """AttentionRecorder, CrossAttnHeatmap, SelfAttnSegment and SelfAttnPCA on tiny Flux and SD3 models."""
 
-import importlib
-import types
 
 import pytest
 import torch
@@ -10,13 +8,13 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def segment(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.segment")
+def segment(host):
+    return host.module("nodes.segment")
 
 
 @pytest.fixture(scope="module")
-def dit_maps(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.tokens")
+def tokens(host):
+    return host.module("nodes.tokens")
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +48,15 @@ def sample(model, positive, negative, cfg=3.0, batch=2):
                                torch.zeros_like(noise), seed=0, disable_pbar=True)
 
 
-def test_record_is_the_joint_attention_blocks(family, segment, pack, tiny_dit):
+def test_record_is_the_joint_attention_blocks(family, segment, host, tiny_dit):
     name, model = family
     clip = tiny_dit.text_encoder(seed=1)
     positive, negative = encode(clip, "a red circle and a blue square", name == "flux")
     patched, record = segment.AttentionRecorderNode.execute(model, 0, False, 0.0, 1.0).result
-    router = importlib.import_module(pack.__name__ + ".nodes.patching").router_of(patched)
+    router = host.module("nodes.patching").router_of(patched)
     captured = []
 
-    class Capture(pack.attention_patches.AttentionTechnique):
+    class Capture(host.module("attention_patches").AttentionTechnique):
         families = frozenset({"flux", "sd3"})
         order = 0
 
@@ -134,13 +132,13 @@ class FakeClip:
         return self.tokenizer.tokenize_with_weights(text)
 
 
-def test_words_are_found_at_their_t5_and_clip_positions(dit_maps):
+def test_words_are_found_at_their_t5_and_clip_positions(tokens):
     import comfy.text_encoders.flux
     import comfy.text_encoders.sd3_clip
 
     text = "a red circle and sunglasses"
     flux = FakeClip(comfy.text_encoders.flux.FluxTokenizer())
-    words, tokens = dit_maps.dit_prompt_words(flux, text, "flux", "CrossAttnHeatmap")
+    words, tokens = tokens.dit_prompt_words(flux, text, "flux", "CrossAttnHeatmap")
     t5 = [entry[0] for entry in flux.tokenize(text)["t5xxl"][0]]
     assert tokens == len(t5)  # Flux attends to the T5 tokens only, padding included
     by_text = {w.text: w.positions for w in words}
@@ -149,7 +147,7 @@ def test_words_are_found_at_their_t5_and_clip_positions(dit_maps):
     assert "".join(vocab[t5[p]] for p in by_text["sunglasses"]).replace("▁", "") == "sunglasses"
 
     sd3 = FakeClip(comfy.text_encoders.sd3_clip.SD3Tokenizer())
-    words, tokens = dit_maps.dit_prompt_words(sd3, text, "sd3", "CrossAttnHeatmap")
+    words, tokens = tokens.dit_prompt_words(sd3, text, "sd3", "CrossAttnHeatmap")
     tokenized = sd3.tokenize(text)
     clip_tokens = sum(len(c) for c in tokenized["l"])
     assert tokens == clip_tokens + sum(len(c) for c in tokenized["t5xxl"])

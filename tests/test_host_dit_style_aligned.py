@@ -1,6 +1,5 @@
 """SharedAttentionStyleAlign on tiny Flux and SD3 models inside real ComfyUI sampling."""
 
-import importlib
 import math
 
 import pytest
@@ -12,8 +11,8 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def node(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.style_aligned")
+def node(host):
+    return host.module("nodes.style_aligned")
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +61,18 @@ def test_reference_and_unlisted_images_unchanged(family, node, cfg):
     assert (only_one[1] - out[1]).abs().max() <= 1e-5  # and image 1 shares exactly as before
 
 
-def test_sharing_layers_and_the_equations_inside_the_model(family, node, pack):
+def test_sharing_layers_and_the_equations_inside_the_model(family, node, host):
     """Captured at a sharing layer of the real model (Flux: post-RoPE q/k), the output is the joint-layout equation."""
     name, model, positive, negative = family
     options = dict(shared_score_scale=0.8, shared_score_shift=math.log(2))
     patched = style_align(node, model, **options)
-    router = importlib.import_module(pack.__name__ + ".nodes.patching").router_of(patched)
+    router = host.module("nodes.patching").router_of(patched)
     technique = [t for t in router.techniques if t.name == "SharedAttentionStyleAlign"][0]
     expected_layers = ({l for l in router.layers if l[0] == "single_block"} if name == "flux" else set(router.layers))
     assert technique.layers == expected_layers
     captured = []
 
-    class Capture(pack.attention_patches.AttentionTechnique):  # outermost: sees the call before StyleAligned
+    class Capture(host.module("attention_patches").AttentionTechnique):  # outermost: sees the call before StyleAligned
         families = frozenset({"flux", "sd3"})
         order = 0
 
@@ -114,24 +113,24 @@ def test_dit_inputs_are_checked(family, node):
         sample(patched, positive, negative, cfg=1.0)
 
 
-def test_applying_twice_replaces_and_the_base_is_untouched(family, node, pack):
+def test_applying_twice_replaces_and_the_base_is_untouched(family, node, host):
     name, model, positive, negative = family
     plain = sample(model, positive, negative, cfg=1.0)
     once = style_align(node, model, dit_blocks="all")
     twice = style_align(node, once, dit_blocks="double")
-    router = importlib.import_module(pack.__name__ + ".nodes.patching").router_of(twice)
+    router = host.module("nodes.patching").router_of(twice)
     shared = [t for t in router.techniques if t.name == "SharedAttentionStyleAlign"]
     assert len(shared) == 1 and all(l[0] == "double_block" for l in shared[0].layers)
     assert (sample(model, positive, negative, cfg=1.0) - plain).abs().max() == 0
 
 
-def test_a_batch_whose_shared_attention_does_not_fit_is_refused_before_sampling(family, node, pack, monkeypatch):
+def test_a_batch_whose_shared_attention_does_not_fit_is_refused_before_sampling(family, node, host, monkeypatch):
     import comfy.model_management
 
     name, model, positive, negative = family
-    dit_nodes = importlib.import_module(pack.__name__ + ".nodes.style_aligned_dit")
+    dit_nodes = host.module("nodes.style_aligned_dit")
     patched = style_align(node, model)
-    router = importlib.import_module(pack.__name__ + ".nodes.patching").router_of(patched)
+    router = host.module("nodes.patching").router_of(patched)
     technique = [t for t in router.techniques if t.name == "SharedAttentionStyleAlign"][0]
     text = positive[0][0].shape[1]
     free = dit_nodes.dit_extra_bytes(patched, technique, 2, 16, 16, text)  # room for 2 images, not 3
@@ -169,10 +168,10 @@ def test_style_from_a_photo_refuses_dits_by_name(family, node):
         node.apply_reference_from_inversion(patched, None, positive, 5)
 
 
-def test_the_reference_gets_no_controlnet_residuals_unless_asked(family, node, pack):
+def test_the_reference_gets_no_controlnet_residuals_unless_asked(family, node, host):
     """ComfyUI hands apply_model the residuals already computed: the reference rows of each chunk are zeroed."""
     name, model, positive, negative = family
-    dit_nodes = importlib.import_module(pack.__name__ + ".nodes.style_aligned_dit")
+    dit_nodes = host.module("nodes.style_aligned_dit")
     patched = style_align(node, model, reference_index=1)
     import comfy.patcher_extension
 

@@ -13,7 +13,6 @@ and patches are all exercised; DDPM replay, which is exact for any model, is che
 on the raw random models.
 """
 
-import importlib
 
 import pytest
 import torch
@@ -26,8 +25,8 @@ SCHEDULER = "ddim_uniform"
 
 
 @pytest.fixture(scope="module")
-def inv(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.inversion")
+def inv(host):
+    return host.module("nodes.inversion")
 
 
 def conditioning(tiny, family, seed=5, batch=1):

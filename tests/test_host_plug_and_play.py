@@ -1,6 +1,5 @@
 """PlugAndPlay inside real ComfyUI sampling: the demo model (a trained SD1.5-architecture UNet) and a tiny SDXL UNet."""
 
-import importlib
 import math
 
 import pytest
@@ -11,18 +10,18 @@ PROMPT = "a green circle on a dotted yellow background"
 
 
 @pytest.fixture(scope="module")
-def pnp(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.plug_and_play")
+def pnp(host):
+    return host.module("nodes.plug_and_play")
 
 
 @pytest.fixture(scope="module")
-def inv(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.inversion")
+def inv(host):
+    return host.module("nodes.inversion")
 
 
 @pytest.fixture(scope="module")
-def demo(pack):
-    model, clip, vae = pack.nodes.demo.DemoModelLoader.execute().result
+def demo(host):
+    model, clip, vae = host.module("nodes.demo").DemoModelLoader.execute().result
     return model, clip, vae
 
 
@@ -36,7 +35,7 @@ def invert(inv, model, clip, latent, steps=STEPS, method="ddim"):
 
 
 @pytest.fixture(scope="module")
-def scene(pack, demo, inv):
+def scene(host, demo, inv):
     """A rendered demo-world scene (a red circle on a plain blue background), VAE-encoded and DDIM-inverted."""
     from attention_lab.demo import world
 
@@ -160,12 +159,12 @@ def test_sdxl(pnp, inv, demo, tiny):
     assert (out[:1] - plain).abs().mean() > 1e-4 * scale
 
 
-def test_composes_with_style_aligned(pnp, pack, demo, scene):
+def test_composes_with_style_aligned(pnp, host, demo, scene):
     """StyleAligned on the same router (every image shares attention with image 0, the guidance branch): both
     techniques run in one pass and each changes the result."""
     model, clip, _ = demo
-    sa = importlib.import_module(pack.__name__ + ".nodes.style_aligned")
-    settings = importlib.import_module(pack.__name__ + ".attention_patches.style_aligned").StyleAlignedSettings()
+    sa = host.module("nodes.style_aligned")
+    settings = host.module("attention_patches.style_aligned").StyleAlignedSettings()
     styled = sa.apply_style_aligned(model, settings, share_group_norm=False, reference_control=False)
     patched, _ = pnp.apply_plug_and_play(styled, 2, 0.8, 0.5)
     names = [t.name for t in patched.model_options["transformer_options"]["patches_replace"]["attn1"]

@@ -1,7 +1,5 @@
 """PromptToPromptEdit inside real ComfyUI sampling, on the demo model (a real trained SD1.5-architecture UNet)."""
 
-import importlib
-
 import pytest
 import torch
 
@@ -11,13 +9,13 @@ EDIT = "a blue circle on a striped yellow background"
 
 
 @pytest.fixture(scope="module")
-def p2p(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.prompt_to_prompt")
+def p2p(host):
+    return host.module("nodes.prompt_to_prompt")
 
 
 @pytest.fixture(scope="module")
-def demo(pack):
-    model, clip, _ = pack.nodes.demo.DemoModelLoader.execute().result
+def demo(host):
+    model, clip, _ = host.module("nodes.demo").DemoModelLoader.execute().result
     return model, clip
 
 
@@ -145,7 +143,7 @@ def test_node_schema_tooltips_and_the_authors_defaults(p2p):
 
 
 @pytest.mark.parametrize("cfg", [5.0, 1.0])
-def test_sdxl_unet(p2p, demo, tiny, cfg):
+def test_sdxl_unet(p2p, host, demo, tiny, cfg):
     """An SDXL UNet (tiny, random weights; conditioning with pooled output and size) through the guider: the
     unchanged prompt reproduces the source, a changed one differs, and local blend finds its maps."""
     import comfy.sample
@@ -160,7 +158,7 @@ def test_sdxl_unet(p2p, demo, tiny, cfg):
     extra = {"pooled_output": torch.randn(1, tiny.SDXL_POOLED, generator=g).repeat(3, 1), "width": 128, "height": 128}
     negative = [[torch.zeros(1, 77, tiny.TEXT_HIDDEN), dict(extra, pooled_output=torch.zeros(1, tiny.SDXL_POOLED))]]
     patched = model.clone()
-    importlib.import_module(p2p.__name__.rsplit(".", 1)[0] + ".patching").attach_router(patched).add(technique)
+    host.module("nodes.patching").attach_router(patched).add(technique)
     guider = p2p.PromptToPromptGuider(patched, technique)
     guider.set_conds([[cond, extra]], negative)
     guider.set_cfg(cfg)
@@ -178,13 +176,13 @@ def test_sdxl_unet(p2p, demo, tiny, cfg):
 
 
 @pytest.fixture(scope="module")
-def scene(pack, demo):
+def scene(host, demo):
     """A rendered demo-world scene (a red circle on yellow stripes), VAE-encoded, and DDPM-inverted at cfg 5."""
     from attention_lab.demo import world
 
     model, clip = demo
-    _, _, vae = pack.nodes.demo.DemoModelLoader.execute().result
-    inv = importlib.import_module(pack.__name__ + ".nodes.inversion")
+    _, _, vae = host.module("nodes.demo").DemoModelLoader.execute().result
+    inv = host.module("nodes.inversion")
     rendered = world.render(world.random_scene(7, objects=[("red", "circle")], style="stripes",
                                               background_color="yellow"), 128)
     # as ComfyUI's executor runs nodes: the cached demo models may hold inference tensors (loaded by a node earlier)
@@ -239,11 +237,11 @@ def test_composes_with_another_packs_attn2_patch(p2p, demo):
 
 
 @pytest.mark.parametrize("track_source", [True, False])
-def test_real_image_ddim_source_tracks_its_inversion(p2p, pack, demo, scene, track_source):
+def test_real_image_ddim_source_tracks_its_inversion(p2p, host, demo, scene, track_source):
     """DDIM: with track_source the source branch ends exactly on the image's latent; without, it is DDIM's
     approximate reconstruction."""
     model, clip = demo
-    inv = importlib.import_module(pack.__name__ + ".nodes.inversion")
+    inv = host.module("nodes.inversion")
     ddpm, _ = scene
     image = model.model.process_latent_out(ddpm.x_0)  # the VAE latent that was inverted
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(SOURCE))
@@ -255,12 +253,12 @@ def test_real_image_ddim_source_tracks_its_inversion(p2p, pack, demo, scene, tra
     assert (out[1] - out[0]).abs().mean() > 1e-2
 
 
-def test_composes_with_style_aligned(p2p, pack, demo):
+def test_composes_with_style_aligned(p2p, host, demo):
     """StyleAligned on the same router (every image shares attention with image 0, the source): the two
     techniques run in one pass, an unchanged prompt still reproduces the source, and StyleAligned still acts."""
     model, clip = demo
-    sa = importlib.import_module(pack.__name__ + ".nodes.style_aligned")
-    settings = importlib.import_module(pack.__name__ + ".attention_patches.style_aligned").StyleAlignedSettings()
+    sa = host.module("nodes.style_aligned")
+    settings = host.module("attention_patches.style_aligned").StyleAlignedSettings()
     styled = sa.apply_style_aligned(model, settings, share_group_norm=False, reference_control=False)
     out, guider = run(p2p, styled, clip, edits=(SOURCE, EDIT))
     names = [t.name for t in guider.model_patcher.model_options["transformer_options"]["patches_replace"]["attn1"]

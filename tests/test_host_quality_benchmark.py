@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -27,6 +29,20 @@ SUBJECTS = [("red", "circle"), ("blue", "square")]
 ])
 def test_two_object_outcome(found, outcome):
     assert quality.two_object_outcome(found, SUBJECTS) == outcome
+
+
+def test_first_component_auc_scores_the_side_the_component_lights():
+    # 64 tokens, 10 of them an "object" that attends to itself; the rest attend to the background
+    g = torch.Generator().manual_seed(0)
+    inside = torch.zeros(64, dtype=torch.bool)
+    inside[[18, 19, 20, 26, 27, 28, 34, 35, 36, 44]] = True
+    rows = torch.where(inside[:, None] == inside[None, :], 3.0, 1.0) + 0.1 * torch.rand(64, 64, generator=g)
+    rows = rows / rows.sum(-1, keepdim=True)
+    mask = inside.reshape(8, 8).repeat_interleave(4, 0).repeat_interleave(4, 1).numpy()
+    assert quality.first_component_auc(rows, (8, 8), mask) > 0.95
+    assert quality.first_component_auc(rows, (8, 8), ~mask) < 0.05
+    with pytest.raises(ValueError, match="both object and background"):
+        quality.first_component_auc(rows, (8, 8), np.ones((32, 32), bool))
 
 
 def test_quick_run_reports_every_section(host, tmp_path):

@@ -1,16 +1,29 @@
 """The router inside real ComfyUI sampling, on tiny SD1.5 and SDXL models."""
 
-import importlib
+import sys
 
 import pytest
 import torch
+
+from attention_lab.attention_patches import AttentionRouter, AttentionTechnique  # as the core tests import them
 
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def patching(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.patching")
+def patching(host):
+    return host.module("nodes.patching")
+
+
+def test_comfyui_runs_the_very_modules_the_core_tests_import(host, patching, tiny):
+    """One copy of the pack: what ComfyUI's executor runs is what `import attention_lab...` gives."""
+    import attention_lab.nodes.segment
+
+    assert host.nodes.NODE_CLASS_MAPPINGS["SelfAttnSegment"] is attention_lab.nodes.segment.SelfAttnSegment
+    assert host.pack.nodes is sys.modules["attention_lab.nodes"]  # ComfyUI's own `from .nodes import ...`
+    assert patching is attention_lab.nodes.patching
+    router = patching.attach_router(tiny.sd15_unet(seed=0).clone())
+    assert isinstance(router, AttentionRouter) and type(router) is AttentionRouter
 
 
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
@@ -58,14 +71,14 @@ class CountCalls:
 
 
 @pytest.mark.parametrize("cfg,split", [(5.0, False), (1.0, False), (5.0, True)], ids=["cfg5", "cfg1", "split"])
-def test_identity_with_router_on(family, patching, pack, cfg, split):
+def test_identity_with_router_on(family, patching, cfg, split):
     name, model, positive, negative = family
     base = separate_calls(model) if split else model
     reference = sample(base, positive, negative, cfg)
 
     routed = base.clone()
     router = patching.attach_router(routed)
-    counter = CountCalls(pack.attention_patches.AttentionTechnique)
+    counter = CountCalls(AttentionTechnique)
     technique = router.add(counter.make())
     out = sample(routed, positive, negative, cfg)
 
@@ -84,11 +97,11 @@ def test_identity_with_router_on(family, patching, pack, cfg, split):
     router.remove(technique)
 
 
-def test_call_context_matches_the_unet(family, patching, pack):
+def test_call_context_matches_the_unet(family, patching):
     name, model, positive, negative = family
     routed = model.clone()
     router = patching.attach_router(routed)
-    counter = CountCalls(pack.attention_patches.AttentionTechnique)
+    counter = CountCalls(AttentionTechnique)
     router.add(counter.make())
     sample(routed, positive, negative, batch=3)
     first_forward = counter.calls[: 2 * len(router.layers)]
@@ -103,13 +116,13 @@ def test_call_context_matches_the_unet(family, patching, pack):
     assert max(sizes["middle"]) < max(sizes["output"])
 
 
-def test_non_square_latent_sizes(tiny, patching, pack):
+def test_non_square_latent_sizes(tiny, patching):
     import comfy.sample
 
     model = tiny.sd15_unet(seed=1)
     routed = model.clone()
     router = patching.attach_router(routed)
-    counter = CountCalls(pack.attention_patches.AttentionTechnique)
+    counter = CountCalls(AttentionTechnique)
     router.add(counter.make())
     cond = torch.randn(1, 77, tiny.TEXT_HIDDEN)
     noise = torch.randn(1, 4, 12, 20)
@@ -118,7 +131,7 @@ def test_non_square_latent_sizes(tiny, patching, pack):
     assert {(c.height, c.width) for c in counter.calls} == {(12, 20), (6, 10), (3, 5), (2, 3)}  # ceil halving, middle at 2x3
 
 
-def test_foreign_patch_before_us_runs_and_later_pack_chains_to_us(family, patching, pack):
+def test_foreign_patch_before_us_runs_and_later_pack_chains_to_us(family, patching):
     name, model, positive, negative = family
     reference = sample(model, positive, negative)
     seen = {"before": 0, "after": 0}
@@ -132,7 +145,7 @@ def test_foreign_patch_before_us_runs_and_later_pack_chains_to_us(family, patchi
     m = model.clone()
     m.set_model_attn1_replace(before, "middle", 0)
     router = patching.attach_router(m)
-    counter = CountCalls(pack.attention_patches.AttentionTechnique)
+    counter = CountCalls(AttentionTechnique)
     router.add(counter.make())
 
     key = ("middle", 0, 0)

@@ -1,6 +1,5 @@
 """Recording and segmentation inside real ComfyUI sampling, on tiny SD1.5 and SDXL models."""
 
-import importlib
 from types import SimpleNamespace
 
 import pytest
@@ -11,8 +10,8 @@ PROMPT = "a cat wearing sunglasses in a wicker basket"
 
 
 @pytest.fixture(scope="module")
-def seg(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.segment")
+def seg(host):
+    return host.module("nodes.segment")
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +211,8 @@ def test_real_image_pass_heatmaps_and_pca(tiny, seg, clip):
 
 
 
-def test_layer_grids_are_read_from_the_unet(tiny, pack):
-    patching = importlib.import_module(pack.__name__ + ".nodes.patching")
+def test_layer_grids_are_read_from_the_unet(tiny, host):
+    patching = host.module("nodes.patching")
     halvings = patching.layer_downsampling(tiny.sd15_unet(seed=3))
     assert halvings[("input", 1, 0)] == 0 and halvings[("input", 4, 0)] == 1 and halvings[("output", 11, 0)] == 0
     assert halvings[("middle", 0, 0)] == max(halvings.values()) and halvings[("output", 3, 0)] == halvings[("input", 7, 0)]

@@ -1,6 +1,5 @@
 """SharedAttentionStyleAlign inside real ComfyUI sampling, on tiny SD1.5 and SDXL models."""
 
-import importlib
 import logging
 import math
 import re
@@ -13,13 +12,13 @@ IMAGES = 2
 
 
 @pytest.fixture(scope="module")
-def sa(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.style_aligned")
+def sa(host):
+    return host.module("nodes.style_aligned")
 
 
 @pytest.fixture(scope="module")
-def core(pack):
-    return importlib.import_module(pack.__name__ + ".attention_patches.style_aligned")
+def core(host):
+    return host.module("attention_patches.style_aligned")
 
 
 def conditioning(tiny, family, images, seed=5):
@@ -214,7 +213,7 @@ def test_control_residuals_skip_the_reference(tiny, sa, core, reference_gets_con
         assert reference_error <= 1e-4
 
 
-def test_node_schema_and_bad_input(sa, pack, tiny):
+def test_node_schema_and_bad_input(sa, host, tiny):
     schema = sa.SharedAttentionStyleAlign.define_schema()
     assert schema.node_id == "SharedAttentionStyleAlign" and schema.category.startswith("attention_lab/")
     assert all(getattr(i, "tooltip", None) for i in schema.inputs)
@@ -284,8 +283,8 @@ def test_a_batch_of_one_is_reported(tiny, sa, core, caplog):
 
 
 @pytest.fixture(scope="module")
-def inversion_nodes(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.inversion")
+def inversion_nodes(host):
+    return host.module("nodes.inversion")
 
 
 PHOTO_STEPS = 3

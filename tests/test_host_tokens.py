@@ -1,6 +1,5 @@
 """nodes/tokens.py, the one prompt-token helper, with ComfyUI's real SD1.x, SD2.x and SDXL tokenizers."""
 
-import importlib
 from types import SimpleNamespace
 
 import pytest
@@ -10,8 +9,8 @@ NODE = "TestNode"
 
 
 @pytest.fixture(scope="module")
-def tokens(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.tokens")
+def tokens(host):
+    return host.module("nodes.tokens")
 
 
 def clip_of(tokenizer):

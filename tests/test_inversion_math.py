@@ -1,28 +1,21 @@
 """Math tests for the plain-torch inversion package (DDIM and edit-friendly DDPM, sigma space)."""
 
 import math
-import pathlib
-import sys
-import types
+from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if "attention_lab" not in sys.modules:
-    pkg = types.ModuleType("attention_lab")
-    pkg.__path__ = [str(ROOT)]
-    sys.modules["attention_lab"] = pkg
-
-from attention_lab.inversion import (  # noqa: E402
+from attention_lab.inversion import (
     Inversion,
-    cfg_denoise,
     ddim_invert,
     ddim_sample,
     ddpm_invert,
     ddpm_replay,
     ddpm_step_coefficients,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- schedules
 
@@ -397,23 +390,6 @@ def test_inversion_result_helpers():
     assert torch.equal(ddim.x_T, ddim.latents[-1]) and torch.equal(ddpm.x_T, ddpm.latents[0])
     with pytest.raises(ValueError, match="noise_maps"):
         Inversion(latents=ddpm.latents, sigmas=ddpm.sigmas, kind="ddpm")
-
-
-def test_cfg_denoise_combines_in_x0_space_like_eps_cfg():
-    cond = gaussian_denoiser
-    uncond_calls = [0]
-
-    def uncond(x, sigma):
-        uncond_calls[0] += 1
-        return wrong_denoiser(x, sigma)
-
-    x, sigma = clean_latent() * 3, torch.full((2,), 2.5)
-    guided = cfg_denoise(cond, uncond, 7.5)(x, sigma)
-    eps = lambda d: (x - d) / 2.5  # noqa: E731
-    eps_cfg = eps(uncond(x, sigma)) + 7.5 * (eps(cond(x, sigma)) - eps(uncond(x, sigma)))
-    assert max_abs(eps(guided), eps_cfg) < 1e-4
-    uncond_calls[0] = 0
-    assert torch.equal(cfg_denoise(cond, uncond, 1.0)(x, sigma), cond(x, sigma)) and uncond_calls[0] == 0
 
 
 def test_package_does_not_import_comfy():

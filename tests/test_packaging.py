@@ -61,6 +61,35 @@ def test_missing_optional_dependency_logs_one_line_and_comfyui_still_loads_the_p
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
+def test_one_host_per_process(host):
+    assert headless.load_host() is host
+    with pytest.raises(SystemExit, match="one process, one host"):
+        headless.load_host(cpu=False)
+
+
+def test_each_module_of_the_pack_exists_once_when_the_host_loads_first(host):
+    """The order examples/run.py has: ComfyUI loads the pack, then `attention_lab.*` is imported; the
+    names ComfyUI gave the pack's submodules and `attention_lab.*` are one set of modules."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / "examples")!r})
+        import headless
+        host = headless.load_host()
+        from attention_lab.attention_patches.router import AttentionRouter
+        from attention_lab.nodes import patching
+        assert patching.AttentionRouter is AttentionRouter
+        assert host.pack.nodes is sys.modules["attention_lab.nodes"]
+        assert host.pack.nodes.__spec__.name == "attention_lab.nodes"
+        comfy_names = [name for name in sys.modules if name.startswith(host.pack.__name__ + ".")]
+        assert comfy_names, sorted(sys.modules)
+        for name in comfy_names:
+            assert sys.modules[name] is sys.modules["attention_lab." + name.split(".", 1)[1]], name
+        assert host.nodes.NODE_CLASS_MAPPINGS["DemoModelLoader"].__module__ == "attention_lab.nodes.demo"
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
 def test_headless_host_loads_comfyuis_own_image_nodes(host):
     # nodes_images.py imports server -> utils.install_util; loaded in the wrong order, `utils`
     # is comfy/utils.py and these stock nodes vanish from workflows run through examples/run.py
@@ -80,8 +109,8 @@ def test_loaded_pack_offers_the_example_inputs_to_loadimage(host):
         assert (Path(folder_paths.get_input_directory()) / path.name).read_bytes() == path.read_bytes()
 
 
-def test_example_inputs_never_replace_the_users_files(pack, tmp_path, caplog):
-    offer = pack.nodes.example_inputs.offer_example_inputs
+def test_example_inputs_never_replace_the_users_files(host, tmp_path, caplog):
+    offer = host.module("nodes.example_inputs").offer_example_inputs
     inputs = sorted((ROOT / "examples" / "inputs").glob("*.png"))
     assert len(inputs) >= 2
     users = tmp_path / "input"
@@ -101,8 +130,8 @@ def test_example_inputs_never_replace_the_users_files(pack, tmp_path, caplog):
     assert not [r for r in caplog.records if r.getMessage().startswith("[Attention Lab]")]
 
 
-def test_example_inputs_create_a_missing_input_folder_and_survive_an_unwritable_one(pack, tmp_path, caplog):
-    offer = pack.nodes.example_inputs.offer_example_inputs
+def test_example_inputs_create_a_missing_input_folder_and_survive_an_unwritable_one(host, tmp_path, caplog):
+    offer = host.module("nodes.example_inputs").offer_example_inputs
     fresh = tmp_path / "new" / "input"
     assert offer(fresh) and fresh.is_dir()
     blocked = tmp_path / "a_file"

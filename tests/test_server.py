@@ -22,7 +22,7 @@ def get_json(url: str, timeout: float = 5.0):
         return json.load(response)
 
 
-def test_server_lists_every_node_of_the_pack(host, pack, tmp_path):
+def test_server_lists_every_node_of_the_pack(host, tmp_path):
     base = tmp_path / "comfy_base"
     (base / "custom_nodes").mkdir(parents=True)
     (base / "custom_nodes" / "comfyui-attention-lab").symlink_to(headless.REPO, target_is_directory=True)
@@ -44,7 +44,7 @@ def test_server_lists_every_node_of_the_pack(host, pack, tmp_path):
             except OSError:
                 time.sleep(1)
         assert info is not None, "server did not answer /object_info:\n" + (tmp_path / "server.log").read_text()[-3000:]
-        ours = [node.define_schema().node_id for node in pack.nodes.NODES]
+        ours = [node.define_schema().node_id for node in host.module("nodes").NODES]
         missing = [n for n in ours if n not in info]
         assert not missing, f"nodes missing from /object_info: {missing}"
         for name in ours:
