@@ -420,7 +420,7 @@ class SelfAttnSegment(io.ComfyNode):
 
     @classmethod
     def execute(cls, record, clip, text, words, segments, resolution, label_resolution, threshold, seed,
-                edges="smooth", latent=None, image=None) -> io.NodeOutput:
+                latent=None, image=None, edges="smooth") -> io.NodeOutput:
         node = "SelfAttnSegment"
         if edges not in EDGES:
             raise ValueError(f"{node}: edges: expected one of {', '.join(EDGES)}, got {edges!r}")

@@ -115,8 +115,8 @@ def test_recorder_survives_clones_and_resets_between_runs(tiny, seg, clip):
 
 
 def segment(seg, record, clip, latent=None, text=PROMPT, words="", segments=3, image=None, edges="smooth"):
-    return seg.SelfAttnSegment.execute(record, clip, text, words, segments, 32, 16, 0.35, 1, edges,
-                                       latent=latent, image=image).args
+    return seg.SelfAttnSegment.execute(record, clip, text, words, segments, 32, 16, 0.35, 1,
+                                       latent=latent, image=image, edges=edges).args
 
 
 def test_segments_partition_the_image_with_consistent_labels(runs, seg, clip):
