@@ -207,10 +207,22 @@ class PromptToPrompt(AttentionTechnique):
         self.blend_side = blend_side
         self.blend_grid: tuple[int, int] | None = None
         self.grid_maps: dict = {}  # (h, w) -> [images, h, w], summed over layers, heads and steps
+        self.last_blend_mask: torch.Tensor | None = None  # [images, 1, H, W] of the latest `blend`, on the CPU
 
     def begin(self) -> None:
         """Forget the blend maps of a previous sampling run."""
-        self.blend_grid, self.grid_maps = None, {}
+        self.blend_grid, self.grid_maps, self.last_blend_mask = None, {}, None
+
+    def edit_masks(self, images: int, latent_size: tuple[int, int]) -> torch.Tensor:
+        """[images × edits, H, W]: where each edit may differ from its source at the last step's blend, per
+        image then per edit; all ones without local blend (the edit applies everywhere)."""
+        if self.blend_words is None:
+            return torch.ones(images * (self.group - 1), *latent_size)
+        mask = self.last_blend_mask
+        if mask is None or mask.shape[0] != images * self.group or tuple(mask.shape[-2:]) != tuple(latent_size):
+            have = "nothing" if mask is None else f"{mask.shape[0] // self.group} image(s) of {tuple(mask.shape[-2:])}"
+            raise ValueError(f"local blend: its last run sampled {have}, not {images} image(s) of {tuple(latent_size)}")
+        return mask.reshape(images, self.group, *mask.shape[-2:])[:, 1:].reshape(-1, *mask.shape[-2:])
 
     @property
     def blend_maps(self) -> torch.Tensor | None:
@@ -346,6 +358,7 @@ class PromptToPrompt(AttentionTechnique):
         mask = self.blend_mask(tuple(x.shape[-2:]))
         if mask is None:
             return x
+        self.last_blend_mask = mask.detach().cpu()
         groups = x.reshape(-1, self.group, *x.shape[1:])
         mask = mask.to(x.device, x.dtype).reshape(-1, self.group, *mask.shape[1:])
         source = groups[:, :1]

@@ -376,8 +376,10 @@ def segment_scores(lab: Lab, record, latent, text: str, truths: dict, absolute: 
     """Per object (`truths`: shape noun -> true mask): IoU of SelfAttnSegment's word mask of its noun with
     its mask; IoU of the segment that fits it best whatever its label (the clustering alone); whether that
     segment is labelled with its noun. Per image: the AUC of SelfAttnPCA's first component against the
-    union of the object masks."""
+    union of the object masks. Per object too, the ceiling of any mask built from the cluster grid: its cells'
+    true coverage of the object, bilinearly enlarged as SelfAttnSegment's smooth edges, above one half."""
     import numpy as np
+    import torch.nn.functional as F
 
     grids = {k: v for k, v in ABSOLUTE_RESOLUTIONS.items() if k != "max_resolution"} if absolute else {}
     words = list(truths)
@@ -385,7 +387,7 @@ def segment_scores(lab: Lab, record, latent, text: str, truths: dict, absolute: 
                                             words=", ".join(words), latent=latent, **grids)[:3]
     segments = [s.cpu().numpy() > 0.5 for s in segments]
     label_of = [line.split(":")[1].split()[0] for line in labels.splitlines()]
-    scores = {"labelled": [], "clustered": [], "label": [], "pca": []}
+    scores = {"labelled": [], "clustered": [], "label": [], "ceiling": [], "pca": []}
     for k, (word, truth) in enumerate(truths.items()):
         scores["labelled"].append(lab.detect.mask_iou(word_masks[k].cpu().numpy() > 0.5, truth))
         fits = [lab.detect.mask_iou(s, truth) for s in segments]
@@ -394,6 +396,10 @@ def segment_scores(lab: Lab, record, latent, text: str, truths: dict, absolute: 
         scores["label"].append(label_of[best] == word)
     grid, self_maps = lab.host.module("nodes.segment").recorded_maps(
         record, "self", grids.get("resolution", 0), "quality")
+    for truth in truths.values():
+        coverage = F.adaptive_avg_pool2d(lab.torch.from_numpy(truth.astype(np.float32))[None, None], grid)
+        enlarged = F.interpolate(coverage, size=truth.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+        scores["ceiling"].append(lab.detect.mask_iou(enlarged > 0.5, truth))
     objects = np.any(list(truths.values()), axis=0)
     scores["pca"].append(first_component_auc(self_maps[0], grid, objects))
     return scores
@@ -405,7 +411,7 @@ def self_attn_segment(lab: Lab) -> list[dict]:
     the detector's mask of the largest drawn object of that shape (its colour may be wrong: the word is the
     noun); rendered scenes (RecordAttentionPass): the world's masks."""
     world, detect = lab.world, lab.detect
-    keys = ("labelled", "clustered", "label", "pca")
+    keys = ("labelled", "clustered", "label", "ceiling", "pca")
     tally = {(images, name): {k: [] for k in keys} for images in ("generated", "rendered") for name in ("with", "without")}
     for i in range(lab.plan.segment_images):
         subjects = two_subjects(world, HELD_OUT_SEED + 60_000 + i)
@@ -431,6 +437,7 @@ def self_attn_segment(lab: Lab) -> list[dict]:
     metrics = {"labelled": "mIoU of the word masks",
                "clustered": "mIoU of the best segment, label ignored",
                "label": "object's segment labelled with its noun",
+               "ceiling": "ceiling: mIoU of the cluster grid's true cell coverage, enlarged",
                "pca": "SelfAttnPCA first component AUC against the objects"}
     rows = []
     for images in ("generated", "rendered"):

@@ -13,7 +13,7 @@ from .demo import DemoModelLoader
 from .example_inputs import offer_example_inputs
 from .inversion import DDIMInversionSampler, DDIMInvert, InversionReplay
 from .plug_and_play import PlugAndPlay
-from .prompt_to_prompt import PromptToPromptEdit, PromptToPromptEditInversion
+from .prompt_to_prompt import PromptToPromptBlendMask, PromptToPromptEdit, PromptToPromptEditInversion
 from .style_aligned import SharedAttentionStyleAlign, StyleAlignedReferenceFromInversion
 from .segment import AttentionRecorderNode, CrossAttnHeatmap, RecordAttentionPass, SelfAttnPCA, SelfAttnSegment
 
@@ -21,7 +21,7 @@ NODES: list[type[io.ComfyNode]] = [
     DemoModelLoader,
     BoundedAttentionLayout,
     CrossImageAttention,
-    PromptToPromptEdit, PromptToPromptEditInversion,
+    PromptToPromptEdit, PromptToPromptEditInversion, PromptToPromptBlendMask,
     PlugAndPlay,
     SharedAttentionStyleAlign, StyleAlignedReferenceFromInversion,
     DDIMInvert, DDIMInversionSampler, InversionReplay,

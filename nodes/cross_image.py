@@ -41,7 +41,7 @@ from ..attention_patches.schedule import step_index
 from ..attention_patches.segmentation import select_words
 from ..inversion import Inversion, ddpm_replay
 from ..inversion._common import vp_scale
-from .inversion import INVERSION, SamplerModel, check_invertible, guided_sample
+from .inversion import INVERSION, SamplerModel, check_inversion, check_invertible, guided_sample
 from .patching import attach_router, decoder_levels
 from .tokens import prompt_words
 
@@ -259,15 +259,9 @@ def inverted_steps(inversion: Inversion) -> int:
     return inversion.steps if inversion.steps is not None else inversion.num_steps
 
 
-def check_inversions(structure, appearance) -> None:
+def check_inversions(model, structure, appearance) -> None:
     for name, value in (("structure", structure), ("appearance", appearance)):
-        if not isinstance(value, Inversion):
-            raise ValueError(f"{NODE}: {name}: expected an INVERSION from DDIMInvert, got {type(value).__name__}")
-        if value.kind != "ddpm":
-            raise ValueError(
-                f"{NODE}: {name}: a {value.kind!r} inversion; Cross-Image Attention replays the structure's edit-friendly "
-                f"DDPM noise maps: invert both images with DDIMInvert's method 'ddpm'"
-            )
+        check_inversion(value, model, NODE, name, kind="ddpm")
     s, a = structure.sampling_sigmas, appearance.sampling_sigmas
     if s.shape != a.shape or not torch.allclose(s, a, rtol=1e-5, atol=1e-6):
         steps = (inverted_steps(appearance), inverted_steps(structure))
@@ -283,9 +277,6 @@ def check_inversions(structure, appearance) -> None:
             f"{NODE}: appearance: {appearance_batch} images for {batch} structure image(s); give 1 appearance image "
             f"(shared) or {batch} (one per structure image)"
         )
-    if structure.latents.shape[2] != appearance.latents.shape[2]:
-        raise ValueError(f"{NODE}: appearance: its latent has {appearance.latents.shape[2]} channels, the structure's "
-                         f"{structure.latents.shape[2]}: invert both with the same model")
     if structure.latents.shape[-2:] != appearance.latents.shape[-2:]:
         # Supported (keys and values of any token count can be attended to), but not the authors' setting:
         # they resize both images to 512², so each swapped token has a counterpart at the same scale.
@@ -357,7 +348,7 @@ def pixel_masks(masks: torch.Tensor | None, latent_shape) -> torch.Tensor:
 def transfer(model, clip, structure: Inversion, appearance: Inversion, settings: CrossImageSettings,
              output_conditioning=None) -> tuple[torch.Tensor, CrossImageGuider]:
     """The transferred LATENT tensor (user space) and the guider that ran it (its masks, its plan)."""
-    check_inversions(structure, appearance)
+    check_inversions(model, structure, appearance)
     n = structure.num_steps
     skipped = settings.skipped_steps(n)
     try:

@@ -57,6 +57,46 @@ def check_invertible(model_sampling, family: str, node: str) -> None:
         )
 
 
+def check_inversion(inversion, model, node: str, name: str = "inversion", *, kind: str | None = None,
+                    steps: int | None = None) -> Inversion:
+    """Refuse an INVERSION this node cannot use with `model`, before any model call (ValueError naming the input).
+
+    Every node that takes an INVERSION runs its trajectory through `model`, so the inversion
+    must come from the same model family (`Inversion.family`, set by DDIMInvert) with the
+    model's latent channels; `kind` ("ddim"/"ddpm") where the node needs one method, `steps`
+    where the node has its own step count. A node that samples a latent of its own checks
+    its size with `check_inverted_size` once the latent is known.
+    """
+    if not isinstance(inversion, Inversion):
+        raise ValueError(f"{node}: {name}: expected an INVERSION from DDIMInvert, got {type(inversion).__name__}")
+    family = type(model.model).__name__
+    if inversion.family is not None and inversion.family != family:
+        raise ValueError(f"{node}: {name}: it was inverted with a {inversion.family} model, this model is {family}: "
+                         "invert the image with the model this node runs")
+    channels = model.get_model_object("latent_format").latent_channels
+    if inversion.latents.shape[2] != channels:
+        raise ValueError(f"{node}: {name}: its latent has {inversion.latents.shape[2]} channels, the model's "
+                         f"{channels}: invert the image with the model this node runs")
+    if kind is not None and inversion.kind != kind:
+        method = {"ddim": "a deterministic DDIM trajectory", "ddpm": "the edit-friendly DDPM noise maps"}[kind]
+        raise ValueError(f"{node}: {name}: a {inversion.kind!r} inversion; {node} follows {method}: invert "
+                         f"with DDIMInvert's method {kind!r}")
+    inverted = inversion.steps if inversion.steps is not None else inversion.num_steps
+    if steps is not None and inverted != steps:
+        raise ValueError(f"{node}: steps: {steps} steps, but the inversion has {inverted}: the inverted trajectory "
+                         f"is read at every step, so invert with {steps} steps or set steps to {inverted}")
+    return inversion
+
+
+def check_inverted_size(inverted, sampled, node: str, name: str = "inversion") -> None:
+    """The latent being sampled must have the inverted image's (channels, height, width)."""
+    inverted, sampled = tuple(inverted), tuple(sampled)
+    if inverted != sampled:
+        raise ValueError(f"{node}: {name}: the inverted latent is {'x'.join(map(str, inverted))} (channels x "
+                         f"height/8 x width/8) but the latent being sampled is {'x'.join(map(str, sampled))}; use a "
+                         f"latent of the inverted image's size ({inverted[-1] * 8}x{inverted[-2] * 8} pixels)")
+
+
 def check_conditioning_batch(conditioning, batch: int, name: str, node: str) -> None:
     """ComfyUI silently repeats or truncates a conditioning batch to the latent batch: refuse that."""
     for entry in conditioning or []:
@@ -246,8 +286,7 @@ def replay(model, inversion: Inversion, positive, negative=None, cfg: float = 1.
     conditioning). DDIM: deterministic DDIM (= Euler) sampling. `start` skips the
     first steps of the sampling schedule (the replay begins at the stored latent there).
     """
-    if not isinstance(inversion, Inversion):
-        raise ValueError(f"{node}: inversion: expected an INVERSION from DDIMInvert, got {type(inversion).__name__}")
+    check_inversion(inversion, model, node)
     check_guidance(negative, cfg, node)
     batch = inversion.latents.shape[1]
     check_conditioning_batch(positive, batch, "positive", node)

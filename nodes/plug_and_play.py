@@ -33,8 +33,7 @@ import torch
 from comfy_api.latest import io
 
 from ..attention_patches import plug_and_play as pnp
-from ..inversion import Inversion
-from .inversion import INVERSION, check_invertible, guided_sample
+from .inversion import INVERSION, check_inversion, check_invertible, guided_sample
 from .patching import UnsupportedModelError, attach_router, model_family, unet_layers
 from .source_branch import SourceBranchGuider, encode_group, sample_ddim_tracking_source
 
@@ -89,24 +88,8 @@ def apply_plug_and_play(model, group: int, feature_steps: float, attention_steps
 
 def check_inputs(model, inversion, steps: int, feature_steps: float, attention_steps: float) -> None:
     """Every refusal before any model call (raises ValueError naming the input)."""
-    if not isinstance(inversion, Inversion):
-        raise _error("inversion", f"expected an INVERSION from DDIMInvert, got {type(inversion).__name__}")
-    family = model_family(model)
-    check_invertible(model.get_model_object("model_sampling"), family, NODE)
-    if inversion.family is not None and inversion.family != family:
-        raise _error("inversion", f"it was inverted with a {inversion.family} model, this model is {family}: "
-                                  "invert the image with the model you translate with")
-    channels = model.get_model_object("latent_format").latent_channels
-    if inversion.latents.shape[2] != channels:
-        raise _error("inversion", f"its latent has {inversion.latents.shape[2]} channels, the model's {channels}: "
-                                  "invert with the model you translate with")
-    if inversion.kind != "ddim":
-        raise _error("inversion", "it is a ddpm (edit-friendly) inversion; Plug-and-Play follows a deterministic "
-                                  "DDIM trajectory: set DDIMInvert's method to ddim")
-    inverted = inversion.steps if inversion.steps is not None else inversion.num_steps
-    if inverted != steps:
-        raise _error("steps", f"{steps} steps, but the inversion has {inverted}: the guidance branch is read from "
-                              f"the inversion at every step, so invert with {steps} steps or set steps to {inverted}")
+    check_invertible(model.get_model_object("model_sampling"), model_family(model), NODE)
+    check_inversion(inversion, model, NODE, kind="ddim", steps=steps)
     for name, value in (("feature_injection", feature_steps), ("attention_injection", attention_steps)):
         if not 0.0 <= value <= 1.0:
             raise _error(name, f"{value} is not a fraction of the steps in [0, 1]")

@@ -15,6 +15,10 @@ builds the batch itself, like ComfyUI's Guider_PerpNeg.
 The node encodes the prompts itself with the CLIP it is given (so a LoRA'd CLIP
 works): the word alignment needs the prompts' texts and tokens, and typing each
 prompt once means the conditioning and the alignment can never disagree.
+A ControlNet (or area, mask, strength) reaches the branches through the optional
+`positive` conditioning, whose extras are added to every branch's encoded prompt.
+The local-blend mask is known only after sampling: PromptToPromptEditInversion
+outputs it, and for the guider PromptToPromptBlendMask reads it once the sampler ran.
 """
 
 from __future__ import annotations
@@ -27,15 +31,25 @@ from ..attention_patches import prompt_to_prompt as p2p
 from ..attention_patches.words import word_positions
 from ..inversion import Inversion
 from . import source_branch
-from .inversion import INVERSION, guided_sample, sample_replay
+from .inversion import INVERSION, check_inversion, guided_sample, sample_replay
+from .null_text import add_null_text, null_text_embeddings
 from .patching import attach_router
 from .tokens import one_chunk
 from .source_branch import SourceBranchGuider, sample_ddim_tracking_source
 
 NODE = "PromptToPromptEdit"
 IMAGE_NODE = "PromptToPromptEditInversion"
+MASK_NODE = "PromptToPromptBlendMask"
 MODES = ("auto", "word swap", "refine")
 FRACTION = dict(min=0.0, max=1.0, step=0.01)
+POSITIVE_TOOLTIP = (
+    "Optional: a conditioning whose extras reach the source and every edit, e.g. CLIPTextEncode -> "
+    "ControlNetApplyAdvanced (apply the same ControlNet to the negative). Its text is not used: each branch keeps "
+    "its own prompt; its control, area, mask and strength are added to every branch. Several entries (Conditioning "
+    "Combine) give several conditionings, each over every branch. Not connected: the prompts alone.")
+BLEND_MASK_TOOLTIP = ("Local blend's mask at the last step, one per edit (per image, then per edit), at the latent's "
+                      "size: 1 where the edit may differ from the source, 0 where it is the source. All ones "
+                      "without blend_words (the edit applies everywhere).")
 
 
 def _error(name: str, message: str) -> ValueError:
@@ -153,9 +167,11 @@ class PromptToPromptGuider(SourceBranchGuider):
         return self.technique.blend(super().predict_noise(x, timestep, model_options, seed))
 
 
-def make_guider(model, clip, negative, source_prompt: str, edit_prompts: list[str], cfg: float, **controls):
+def make_guider(model, clip, negative, source_prompt: str, edit_prompts: list[str], cfg: float, positive=None,
+                **controls):
+    """The guider over `[source, edits...]`; `positive`'s extras (a ControlNet's control, ...) reach every row."""
     technique = build_technique(clip, source_prompt, edit_prompts, **controls)
-    positive = encode_group(clip, [source_prompt] + edit_prompts)
+    positive = source_branch.carry_extras(encode_group(clip, [source_prompt] + edit_prompts), positive, NODE)
     patched = model.clone()
     attach_router(patched, NODE).add(technique)
     guider = PromptToPromptGuider(patched, technique)
@@ -175,7 +191,8 @@ class PromptToPromptEdit(io.ComfyNode):
                 "Prompt-to-Prompt (Hertz et al.): the source prompt's image and each edited prompt's image from the "
                 "same noise, the edits following the source's cross-attention maps, so that changing a word changes "
                 "only what the word shows. Connect the GUIDER to SamplerCustomAdvanced (any sampler and sigmas); "
-                "for every input latent it outputs the source, then each edit, in order. SD1.x, SD2.x and SDXL."
+                "for every input latent it outputs the source, then each edit, in order. PromptToPromptBlendMask shows "
+                "the local-blend mask it used. SD1.x, SD2.x and SDXL."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with (model patches and LoRA compose)."),
@@ -218,6 +235,7 @@ class PromptToPromptEdit(io.ComfyNode):
                 io.Float.Input("blend_threshold", default=p2p.BLEND_THRESHOLD, min=0.0, max=1.0, step=0.01,
                                tooltip="Local blend's threshold on the max-normalised, 3x3-dilated word maps "
                                        "(authors: 0.3). Lower grows the editable region."),
+                io.Conditioning.Input("positive", optional=True, tooltip=POSITIVE_TOOLTIP),
             ],
             outputs=[io.Guider.Output("guider", tooltip="For SamplerCustomAdvanced: outputs the source and each edit "
                                                         "per input latent, in that order.")],
@@ -225,34 +243,48 @@ class PromptToPromptEdit(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, negative, source_prompt, edit_prompts, mode, cfg, cross_replace_steps,
-                self_replace_steps, reweight, word_cross_replace_steps, blend_words, blend_threshold) -> io.NodeOutput:
+                self_replace_steps, reweight, word_cross_replace_steps, blend_words, blend_threshold,
+                positive=None) -> io.NodeOutput:
         edits = [line.strip() for line in edit_prompts.splitlines() if line.strip()]
         return io.NodeOutput(make_guider(
-            model, clip, negative, source_prompt.strip(), edits, cfg, mode=mode,
+            model, clip, negative, source_prompt.strip(), edits, cfg, positive, mode=mode,
             cross_replace_steps=cross_replace_steps, self_replace_steps=self_replace_steps, reweight=reweight,
             word_cross_replace_steps=word_cross_replace_steps, blend_words=blend_words,
             blend_threshold=blend_threshold))
 
 
 def edit_inversion(model, clip, inversion, negative, source_prompt: str, edit_prompts: list[str], cfg: float,
-                   add_final_residual: bool = False, track_source: bool = True, **controls) -> torch.Tensor:
+                   add_final_residual: bool = False, track_source: bool = True, positive=None,
+                   null_text: bool = False, **controls) -> torch.Tensor:
+    """`edit_inversion_run`'s LATENT tensor."""
+    return edit_inversion_run(model, clip, inversion, negative, source_prompt, edit_prompts, cfg, add_final_residual,
+                              track_source, positive, null_text, **controls)[0]
+
+
+def edit_inversion_run(model, clip, inversion, negative, source_prompt: str, edit_prompts: list[str], cfg: float,
+                       add_final_residual: bool = False, track_source: bool = True, positive=None,
+                       null_text: bool = False, **controls) -> tuple[torch.Tensor, PromptToPromptGuider]:
     """Prompt-to-Prompt on an inverted image: every group `[source, edits...]` starts from the INVERSION.
 
     DDPM (edit-friendly): all rows replay the stored noise maps, so the source row
     reconstructs the image (with the inversion's prompt, negative and cfg) and the
     edits share its noise. DDIM: deterministic sampling from the inverted noise; with
     `track_source` the source rows follow the inverted trajectory (direct inversion).
-    Returns the user-space LATENT tensor, rows `[source, edit_1, ...]` per image.
+    Returns the user-space LATENT tensor, rows `[source, edit_1, ...]` per image, and the guider
+    that sampled it (its technique holds the last step's local-blend mask).
     """
-    if not isinstance(inversion, Inversion):
-        raise ValueError(f"{IMAGE_NODE}: inversion: expected an INVERSION from DDIMInvert, got "
-                         f"{type(inversion).__name__}")
-    channels = model.get_model_object("latent_format").latent_channels
-    if inversion.latents.shape[2] != channels:
-        raise ValueError(f"{IMAGE_NODE}: inversion: its latent has {inversion.latents.shape[2]} channels, the model's "
-                         f"{channels}: invert with the model you edit with")
-    guider = make_guider(model, clip, negative, source_prompt, edit_prompts, cfg, **controls)
+    check_inversion(inversion, model, IMAGE_NODE)
+    if null_text and inversion.kind != "ddim":
+        raise ValueError(f"{IMAGE_NODE}: null_text: needs a ddim inversion (DDIMInvert's method ddim, cfg 1); a ddpm "
+                         "inversion's source branch reconstructs the image without it")
+    if null_text and cfg <= 1.0:
+        raise ValueError(f"{IMAGE_NODE}: null_text: cfg is {cfg}; null-text optimisation corrects guided sampling "
+                         "(the authors: cfg 7.5), at cfg 1 there is no unconditional branch to optimise")
+    guider = make_guider(model, clip, negative, source_prompt, edit_prompts, cfg, positive, **controls)
     group = guider.technique.group
+    if null_text:
+        embeddings = null_text_embeddings(model, inversion, encode_group(clip, [source_prompt]), negative, cfg)
+        add_null_text(guider.model_patcher, embeddings, inversion.sampling_sigmas, group)
     spread = lambda t: None if t is None else t.repeat_interleave(group, dim=1 if t.dim() == 5 else 0)  # noqa: E731
     grouped = Inversion(latents=spread(inversion.latents), sigmas=inversion.sigmas, kind=inversion.kind,
                         noise_maps=spread(inversion.noise_maps), final_residual=spread(inversion.final_residual))
@@ -265,14 +297,14 @@ def edit_inversion(model, clip, inversion, negative, source_prompt: str, edit_pr
                                                                         "track_source": track_source,
                                                                         "node": IMAGE_NODE})
     x_start = model.model.process_latent_out(inversion.latent_at(float(sigmas[0])))
-    return guided_sample(guider, sampler, sigmas, x_start, seed=0)
+    return guided_sample(guider, sampler, sigmas, x_start, seed=0), guider
 
 
 class PromptToPromptEditInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         schema = PromptToPromptEdit.define_schema()
-        controls = [i for i in schema.inputs if i.id not in ("model", "clip", "negative", "cfg")]
+        controls = [i for i in schema.inputs if i.id not in ("model", "clip", "negative", "cfg", "positive")]
         return io.Schema(
             node_id=IMAGE_NODE,
             display_name="Prompt-to-Prompt Edit Image (Attention Lab)",
@@ -281,7 +313,9 @@ class PromptToPromptEditInversion(io.ComfyNode):
                 "Prompt-to-Prompt on a real image: invert it with DDIMInvert (method ddpm: the source branch then "
                 "reconstructs the image exactly), give the prompt it was inverted with as source_prompt, and this "
                 "node replays the inversion for the source and every edited prompt in one run. Outputs the source "
-                "and each edit per image, in order."
+                "and each edit per image, in order. With a ddim inversion (cfg 1), null_text runs the authors' "
+                "null-text optimisation so the edit can be sampled at cfg 7.5; it is off by default because it "
+                "costs about 15x the sampling and a ddpm inversion reconstructs exactly without it."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model the image was inverted with (patches compose)."),
@@ -292,7 +326,8 @@ class PromptToPromptEditInversion(io.ComfyNode):
                                                           "unused at cfg 1."),
                 io.Float.Input("cfg", default=1.0, min=1.0, max=30.0, step=0.1, round=0.01,
                                tooltip="The cfg the image was inverted with (DDIMInvert's): the source branch "
-                                       "reconstructs the image only with the inversion's prompt, negative and cfg."),
+                                       "reconstructs the image only with the inversion's prompt, negative and cfg. "
+                                       "With null_text: the guidance of the edit (the authors: 7.5)."),
                 *controls,
                 io.Boolean.Input("add_final_residual", default=False,
                                  tooltip="ddpm only: add the inversion's last-step residual to every row (exact "
@@ -303,18 +338,75 @@ class PromptToPromptEditInversion(io.ComfyNode):
                                          "inverted trajectory (direct inversion), so the source reconstructs the "
                                          "image exactly and the edits take its attention. Off: plain DDIM sampling "
                                          "of every branch from the inverted noise."),
+                io.Boolean.Input("null_text", default=False,
+                                 tooltip="ddim only: null-text optimisation (Mokady et al.): before sampling, "
+                                         "optimise the unconditional embedding of every step so that guided "
+                                         "sampling (cfg above 1, the authors' 7.5) retraces the cfg-1 DDIM "
+                                         "inversion; the source then reconstructs the image at that cfg. Costs up "
+                                         "to 10 backward passes per step (about 15x the edit's own sampling). "
+                                         "Use with track_source off; invert at cfg 1."),
+                io.Conditioning.Input("positive", optional=True, tooltip=POSITIVE_TOOLTIP),
             ],
-            outputs=[io.Latent.Output(tooltip="Per image: the source (reconstruction), then each edit, in order.")],
+            outputs=[io.Latent.Output(tooltip="Per image: the source (reconstruction), then each edit, in order."),
+                     io.Mask.Output("blend_mask", tooltip=BLEND_MASK_TOOLTIP)],
         )
 
     @classmethod
     def execute(cls, model, clip, inversion, negative, cfg, source_prompt, edit_prompts, mode, cross_replace_steps,
                 self_replace_steps, reweight, word_cross_replace_steps, blend_words, blend_threshold,
-                add_final_residual, track_source) -> io.NodeOutput:
+                add_final_residual, track_source, null_text=False, positive=None) -> io.NodeOutput:
         edits = [line.strip() for line in edit_prompts.splitlines() if line.strip()]
-        return io.NodeOutput({"samples": edit_inversion(
+        samples, guider = edit_inversion_run(
             model, clip, inversion, negative, source_prompt.strip(), edits, cfg, add_final_residual, track_source,
-            mode=mode,
+            positive, null_text, mode=mode,
             cross_replace_steps=cross_replace_steps, self_replace_steps=self_replace_steps, reweight=reweight,
             word_cross_replace_steps=word_cross_replace_steps, blend_words=blend_words,
-            blend_threshold=blend_threshold)})
+            blend_threshold=blend_threshold)
+        return io.NodeOutput({"samples": samples}, blend_masks(guider, samples, IMAGE_NODE))
+
+
+def blend_masks(guider, samples: torch.Tensor, node: str, name: str = "samples") -> torch.Tensor:
+    """The MASK of `guider`'s last run over `samples` (its LATENT tensor): one per edit, at the latent's size."""
+    technique = guider.technique
+    if samples.shape[0] % technique.group:
+        raise ValueError(f"{node}: {name}: {samples.shape[0]} latents are not groups of the source and its "
+                         f"{technique.group - 1} edit(s): connect the LATENT sampled with this guider")
+    try:
+        return technique.edit_masks(samples.shape[0] // technique.group, tuple(samples.shape[-2:]))
+    except ValueError as error:
+        raise ValueError(f"{node}: {name}: {error}: connect the LATENT that SamplerCustomAdvanced sampled with "
+                         "this guider") from error
+
+
+class PromptToPromptBlendMask(io.ComfyNode):
+    """The local-blend mask of a PromptToPromptEdit guider, read after SamplerCustomAdvanced sampled with it.
+
+    The guider node runs before sampling, so it cannot output what sampling finds; this node takes the
+    sampled LATENT as an input, which makes ComfyUI run it after the sampler.
+    """
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=MASK_NODE,
+            display_name="Prompt-to-Prompt Blend Mask (Attention Lab)",
+            category="attention_lab/editing",
+            description=(
+                "The local-blend mask that a Prompt-to-Prompt Edit guider used at the last step of its sampling: "
+                "one mask per edit (per input latent, then per edit), at the latent's size. Connect the guider and "
+                "the LATENT that SamplerCustomAdvanced sampled with it; preview with MaskToImage."
+            ),
+            inputs=[
+                io.Guider.Input("guider", tooltip="The GUIDER of PromptToPromptEdit that sampled `samples`."),
+                io.Latent.Input("samples", tooltip="SamplerCustomAdvanced's output sampled with this guider (it "
+                                                   "also makes this node run after the sampler)."),
+            ],
+            outputs=[io.Mask.Output("blend_mask", tooltip=BLEND_MASK_TOOLTIP)],
+        )
+
+    @classmethod
+    def execute(cls, guider, samples) -> io.NodeOutput:
+        if not isinstance(guider, PromptToPromptGuider):
+            raise ValueError(f"{MASK_NODE}: guider: expected the GUIDER of PromptToPromptEdit, got "
+                             f"{type(guider).__name__}")
+        return io.NodeOutput(blend_masks(guider, samples["samples"], MASK_NODE))

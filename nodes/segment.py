@@ -35,7 +35,9 @@ from ..attention_patches.segmentation import (
     pca_rgb,
     segment_masks,
     segment_preview,
+    segment_memberships,
     select_words,
+    smooth_labels,
     upsample_labels,
     word_maps,
     word_masks,
@@ -251,6 +253,14 @@ AUTO_CROSS_TOOLTIP = ("0 (auto): the recorded grid one level below the self-atte
                       "unless that level has under 8 tokens a side (too coarse to place a word on an object; the demo "
                       "model's 4²), then the self-attention grid's own level. N: the recorded grid closest to N² tokens.")
 
+EDGES = ("smooth", "cells")
+EDGES_TOOLTIP = (
+    "Where the masks' edges fall between attention tokens. smooth (the pack's): each token's self-attention row "
+    "is unmixed into the segments' mean rows, and those shares, bilinearly enlarged, decide each pixel, so an edge "
+    "can cross a token's cell (an object a few tokens wide keeps its shape). cells (the paper's): every token's "
+    "cell is repeated, edges on the token grid. Labels and scores are the same either way."
+)
+
 
 WORDS_TOOLTIP = (
     "Prompt words, comma-separated (an entry may hold several words: 'red car'). Empty: every word of the prompt "
@@ -377,7 +387,7 @@ class SelfAttnSegment(io.ComfyNode):
                 "rows of the averaged self-attention map, each segment labelled with the prompt word whose "
                 "normalised cross-attention is highest on it, or background below the threshold. Grids are picked "
                 "by role (0 = auto): the paper's 32² clusters and 16² labels on SD1.5 at 512 px, 8² and 8² on the "
-                "demo model at 128 px."
+                "demo model at 128 px. Unlike the paper, the masks' edges may cross the token grid by default (edges)."
             ),
             inputs=[
                 AttentionRecord.Input("record", tooltip="From AttentionRecorder (after sampling) or RecordAttentionPass."),
@@ -394,6 +404,7 @@ class SelfAttnSegment(io.ComfyNode):
                 io.Float.Input("threshold", default=0.35, min=0.0, max=1.0, step=0.01,
                                tooltip="A segment whose best word scores at most this is background (the paper: 0.35)."),
                 io.Int.Input("seed", default=1, min=0, max=2**31 - 1, tooltip="KMeans seed (the paper: 1); n_init is 10."),
+                io.Combo.Input("edges", options=list(EDGES), default="smooth", tooltip=EDGES_TOOLTIP),
                 io.Latent.Input("latent", optional=True, tooltip=LATENT_TOOLTIP),
                 io.Image.Input("image", optional=True,
                                tooltip="The decoded image: the preview is drawn over it and the masks take its size "
@@ -409,8 +420,10 @@ class SelfAttnSegment(io.ComfyNode):
 
     @classmethod
     def execute(cls, record, clip, text, words, segments, resolution, label_resolution, threshold, seed,
-                latent=None, image=None) -> io.NodeOutput:
+                latent=None, image=None, edges="smooth") -> io.NodeOutput:
         node = "SelfAttnSegment"
+        if edges not in EDGES:
+            raise ValueError(f"{node}: edges: expected one of {', '.join(EDGES)}, got {edges!r}")
         check_record(record, latent, node)
         try:
             prompt, prompt_tokens = record_prompt_words(record, clip, text, node)
@@ -426,12 +439,16 @@ class SelfAttnSegment(io.ComfyNode):
             for index in range(self_maps.shape[0]):
                 labels = kmeans_segments(self_maps[index], self_grid, segments, seed)
                 segment_labels = label_segments(labels, word_maps(cross_maps[index], cross_grid, chosen), threshold)
-                masks = segment_masks(labels, size)
+                if edges == "smooth":
+                    big = smooth_labels(segment_memberships(self_maps[index], labels), size)
+                else:
+                    big = upsample_labels(labels, size)
+                masks = segment_masks(labels, size, big)
                 all_masks.append(masks)
                 all_word_masks.append(word_masks(masks, segment_labels, list(chosen)))
                 header = f"image {index}:\n" if self_maps.shape[0] > 1 else ""
                 texts.append(header + describe_labels(segment_labels))
-                previews.append(segment_preview(upsample_labels(labels, size), segment_labels,
+                previews.append(segment_preview(big, segment_labels,
                                                 image_for(image, index, self_maps.shape[0], node)))
         except ValueError as error:
             raise _named(node, error) from error

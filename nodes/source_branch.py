@@ -37,6 +37,27 @@ def encode_group(clip, prompts: list[str], node: str, name: str = "prompts"):
     return [[torch.cat(conds), extras]]
 
 
+# Keys of a conditioning entry that describe its text encoding; the branches keep their own.
+ENCODING_KEYS = frozenset({"pooled_output", "attention_mask", "cross_attn"})
+
+
+def carry_extras(encoded, conditioning, node: str, name: str = "positive"):
+    """`encoded` (one entry, every branch's prompt as a row) with the extras of each entry of the user's
+    `conditioning`: a ControlNet's `control`, areas, masks, strengths, ... reach every branch, while the
+    text and pooled output stay the branches' own. One entry out per entry in (ComfyUI combines them as
+    it combines any conditioning list); `conditioning` None leaves `encoded` as it is."""
+    if conditioning is None:
+        return encoded
+    if not isinstance(conditioning, list) or not conditioning or not all(
+            isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)
+            for entry in conditioning):
+        raise ValueError(f"{node}: {name}: expected a CONDITIONING (e.g. from ControlNetApplyAdvanced), got "
+                         f"{type(conditioning).__name__}")
+    (cond, extras), = encoded
+    return [[cond, {**extras, **{k: v for k, v in entry[1].items() if k not in ENCODING_KEYS}}]
+            for entry in conditioning]
+
+
 class SourceBranchGuider(comfy.samplers.CFGGuider):
     """CFG over groups `[source, edits...]`: every input latent (and its noise and mask) becomes `group` rows."""
 

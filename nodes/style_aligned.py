@@ -50,7 +50,7 @@ from ..attention_patches.style_aligned import (
     zero_reference_control,
 )
 from ..attention_patches.style_reference import ReferenceTrajectory
-from .inversion import INVERSION
+from .inversion import INVERSION, check_inversion, check_inverted_size
 from .patching import attach_router, model_family, router_family, router_of
 from .style_aligned_dit import DIT_BLOCK_CHOICES, apply_dit_style_aligned, check_dit_inputs
 
@@ -405,11 +405,7 @@ class ReferenceFromTrajectory:
         if layout.images > 1:
             reference = self.reference_index
             latent = self.trajectory.latent_at(float(t.reshape(-1)[0]))
-            if tuple(latent.shape[1:]) != tuple(x.shape[1:]):
-                raise ValueError(
-                    f"{PHOTO_NODE}: inversion: the inverted latent is {tuple(latent.shape[1:])} but the batch being "
-                    f"sampled is {tuple(x.shape[1:])}; use an empty latent of the photo's size"
-                )
+            check_inverted_size(latent.shape[1:], x.shape[1:], PHOTO_NODE)
             x = x.clone()
             x[[layout.row(c, reference) for c in range(len(layout.cond_or_uncond))]] = latent.to(x)
             cond_rows = [layout.row(c, reference) for c in layout.chunks(cond=True)]
@@ -432,13 +428,7 @@ class ReferenceRun:
         self.trajectory = trajectory
 
     def __call__(self, executor, noise, *args, **kwargs):
-        photo = tuple(self.trajectory.latents.shape[1:])
-        if tuple(noise.shape[1:]) != photo:
-            raise ValueError(
-                f"{PHOTO_NODE}: inversion: the inverted photo's latent is {photo} (channels, height/8, width/8) but "
-                f"the latent being sampled is {tuple(noise.shape[1:])}; sample an empty latent of the photo's size "
-                f"({photo[-1] * 8}x{photo[-2] * 8} pixels)"
-            )
+        check_inverted_size(self.trajectory.latents.shape[1:], noise.shape[1:], PHOTO_NODE)
         if noise.shape[0] == 1:
             log.warning(
                 "%s: the latent batch has 1 image, so it is the reference (the photo's reconstruction) and no image "
@@ -479,6 +469,7 @@ def apply_reference_from_inversion(model, inversion, reference_positive, offset:
         raise ValueError(f"{PHOTO_NODE}: model: the model is {model_family(model)}; style from a photo supports "
                          "SD1.x, SD2.x and SDXL models (on Flux and SD3, SharedAttentionStyleAlign styles a batch "
                          "after its first image)")
+    check_inversion(inversion, model, PHOTO_NODE)
     if inversion.latents.shape[1] != 1:
         raise ValueError(f"{PHOTO_NODE}: inversion: expected the inversion of one image, got a batch of "
                          f"{inversion.latents.shape[1]}")

@@ -180,7 +180,7 @@ def test_an_appearance_of_another_size_is_named_in_a_warning(sd15, inv, xi, capl
     model, clip, structure, _ = sd15
     wide = invert(inv, xi, model, clip, APPEARANCE_PROMPT, seed=2, shape=(1, 4, 12, 20))
     with caplog.at_level("WARNING", logger="attention_lab"):
-        xi.check_inversions(structure, wide)
+        xi.check_inversions(model, structure, wide)
     assert "CrossImageAttention: appearance: its latent is 12x20, the structure's 16x16" in caplog.text
 
 

@@ -13,7 +13,7 @@ def segment(host):
 
 
 @pytest.fixture(scope="module")
-def tokens(host):
+def token_helper(host):
     return host.module("nodes.tokens")
 
 
@@ -132,13 +132,13 @@ class FakeClip:
         return self.tokenizer.tokenize_with_weights(text)
 
 
-def test_words_are_found_at_their_t5_and_clip_positions(tokens):
+def test_words_are_found_at_their_t5_and_clip_positions(token_helper):
     import comfy.text_encoders.flux
     import comfy.text_encoders.sd3_clip
 
     text = "a red circle and sunglasses"
     flux = FakeClip(comfy.text_encoders.flux.FluxTokenizer())
-    words, tokens = tokens.dit_prompt_words(flux, text, "flux", "CrossAttnHeatmap")
+    words, tokens = token_helper.dit_prompt_words(flux, text, "flux", "CrossAttnHeatmap")
     t5 = [entry[0] for entry in flux.tokenize(text)["t5xxl"][0]]
     assert tokens == len(t5)  # Flux attends to the T5 tokens only, padding included
     by_text = {w.text: w.positions for w in words}
@@ -147,7 +147,7 @@ def test_words_are_found_at_their_t5_and_clip_positions(tokens):
     assert "".join(vocab[t5[p]] for p in by_text["sunglasses"]).replace("▁", "") == "sunglasses"
 
     sd3 = FakeClip(comfy.text_encoders.sd3_clip.SD3Tokenizer())
-    words, tokens = tokens.dit_prompt_words(sd3, text, "sd3", "CrossAttnHeatmap")
+    words, tokens = token_helper.dit_prompt_words(sd3, text, "sd3", "CrossAttnHeatmap")
     tokenized = sd3.tokenize(text)
     clip_tokens = sum(len(c) for c in tokenized["l"])
     assert tokens == clip_tokens + sum(len(c) for c in tokenized["t5xxl"])

@@ -13,6 +13,7 @@ and patches are all exercised; DDPM replay, which is exact for any model, is che
 on the raw random models.
 """
 
+import dataclasses
 
 import pytest
 import torch
@@ -283,3 +284,48 @@ def test_ddim_invert_states_where_the_clean_latent_sits(host):
     """Issue 28: the pack's clean latent is at σ = 0, the authors' at ᾱ[0] (σ ≈ 0.029); the node says which."""
     description = host.nodes.NODE_CLASS_MAPPINGS["DDIMInvert"].define_schema().description
     assert "σ = 0" in description and "ᾱ[0]" in description and "0.029" in description, description
+
+
+def inversion_nodes(host):
+    """`(node, input, call)`: every node that takes an INVERSION, called with `model` and `inversion`, up to
+    where it checks its inputs (nothing before that reads the CLIP or the prompts)."""
+    module = lambda name: host.module("nodes." + name)  # noqa: E731
+    inv, p2p, pnp = module("inversion"), module("prompt_to_prompt"), module("plug_and_play")
+    xi, sa = module("cross_image"), module("style_aligned")
+    return [
+        ("InversionReplay", "inversion", lambda model, inversion: inv.replay(model, inversion, None)),
+        ("PromptToPromptEditInversion", "inversion",
+         lambda model, inversion: p2p.edit_inversion(model, None, inversion, None, "a cat", ["a dog"], 1.0)),
+        ("PlugAndPlay", "inversion",
+         lambda model, inversion: pnp.translate_conditioned(model, inversion, None, None, 2, 7.5, 2, 0.8, 0.5)),
+        ("CrossImageAttention", "structure",
+         lambda model, inversion: xi.transfer(model, None, inversion, inversion, xi.CrossImageSettings("cat", "dog"))),
+        ("StyleAlignedReferenceFromInversion", "inversion",
+         lambda model, inversion: sa.apply_reference_from_inversion(model, inversion, None, 0)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5), ids=["replay", "p2p", "pnp", "cross_image", "style_from_photo"])
+def test_every_inversion_node_refuses_another_models_inversion(tiny, inv, host, index):
+    """One check, before any model call, for all of them: the family DDIMInvert recorded, the latent channels."""
+    node, name, call = inversion_nodes(host)[index]
+    sd15 = make_model(tiny, "sd15")
+    method = "ddpm" if node == "CrossImageAttention" else "ddim"
+    _, inversion = inv.invert(sd15, user_latent(sd15), conditioning(tiny, "sd15"), steps=2, method=method)
+    assert inversion.family == type(sd15.model).__name__
+    sdxl = make_model(tiny, "sdxl").clone()
+    calls = []
+    sdxl.set_model_unet_function_wrapper(lambda apply, args: calls.append(1) or apply(args["input"], args["timestep"],
+                                                                                      **args["c"]))
+    with pytest.raises(ValueError, match=f"^{node}: {name}: it was inverted with a {inversion.family} model, this "
+                                         "model is SDXL: invert the image with the model this node runs"):
+        call(sdxl, inversion)
+    # an inversion that does not say its family (built by hand) is still refused for its latent's channels
+    wide = inversion.latents.repeat(1, 1, 2, 1, 1)
+    unnamed = dataclasses.replace(inversion, family=None, latents=wide, noise_maps=None if inversion.noise_maps is None
+                                  else inversion.noise_maps.repeat(1, 1, 2, 1, 1))
+    with pytest.raises(ValueError, match=f"^{node}: {name}: its latent has 8 channels, the model's 4"):
+        call(sd15, unnamed)
+    with pytest.raises(ValueError, match=f"^{node}: {name}: expected an INVERSION from DDIMInvert, got str"):
+        call(sd15, "noise")
+    assert not calls

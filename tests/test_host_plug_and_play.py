@@ -204,7 +204,7 @@ def test_errors_before_sampling(pnp, inv, demo, scene, tiny):
     with pytest.raises(ValueError, match="PlugAndPlay: model: .*flow-matching"):
         pnp.translate(flow, clip, scene, [PROMPT], steps=STEPS)
     ddpm = invert(inv, model, clip, model.model.process_latent_out(scene.x_0), steps=STEPS, method="ddpm")
-    with pytest.raises(ValueError, match="PlugAndPlay: inversion: it is a ddpm"):
+    with pytest.raises(ValueError, match="PlugAndPlay: inversion: a 'ddpm' inversion; .*method 'ddim'"):
         pnp.translate(counted, clip, ddpm, [PROMPT], steps=STEPS)
     assert not calls
 

@@ -1,5 +1,7 @@
 """PromptToPromptEdit inside real ComfyUI sampling, on the demo model (a real trained SD1.5-architecture UNet)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -40,7 +42,8 @@ def run(p2p, model, clip, source=SOURCE, edits=(EDIT,), cfg=5.0, seed=2, batch=1
         cross_replace_steps=controls.pop("cross_replace_steps", 0.8),
         self_replace_steps=controls.pop("self_replace_steps", 0.4), reweight=controls.pop("reweight", ""),
         word_cross_replace_steps=controls.pop("word_cross_replace_steps", ""),
-        blend_words=controls.pop("blend_words", ""), blend_threshold=controls.pop("blend_threshold", 0.3)).result[0]
+        blend_words=controls.pop("blend_words", ""), blend_threshold=controls.pop("blend_threshold", 0.3),
+        positive=controls.pop("positive", None)).result[0]
     assert not controls
     latent = torch.zeros(batch, 4, 16, 16)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", STEPS)
@@ -269,3 +272,142 @@ def test_composes_with_style_aligned(p2p, host, demo):
     assert (out[1] - out[0]).abs().max() <= 1e-5 * out[0].abs().max()
     alone, _ = run(p2p, model, clip, edits=(SOURCE, EDIT))
     assert (out[2] - alone[2]).abs().mean() > 1e-3  # StyleAligned changed the edit
+
+
+def test_blend_mask_node_gives_the_guiders_last_local_blend_mask(p2p, demo):
+    model, clip = demo
+    out, guider = run(p2p, model, clip, edits=(EDIT, SOURCE), blend_words="circle", blend_threshold=0.8, batch=2)
+    mask = p2p.PromptToPromptBlendMask.execute(guider=guider, samples={"samples": out}).result[0]
+    assert mask.shape == (4, 16, 16)  # per image, per edit, at the latent's size
+    assert set(mask.unique().tolist()) == {0.0, 1.0} and 0 < mask.mean() < 1
+    for image in range(2):
+        group = out[image * 3:(image + 1) * 3]
+        for edit in range(2):
+            outside = mask[image * 2 + edit] == 0
+            assert (group[1 + edit][:, outside] - group[0][:, outside]).abs().max() <= 1e-5
+    # without blend words the edit may change everywhere
+    free, free_guider = run(p2p, model, clip)
+    assert torch.equal(p2p.PromptToPromptBlendMask.execute(guider=free_guider, samples={"samples": free}).result[0],
+                       torch.ones(1, 16, 16))
+    with pytest.raises(ValueError, match="PromptToPromptBlendMask: samples: 5 latents are not groups of the source "
+                                         "and its 2 edit"):
+        p2p.PromptToPromptBlendMask.execute(guider=guider, samples={"samples": out[:5]})
+    with pytest.raises(ValueError, match="PromptToPromptBlendMask: samples: local blend: its last run sampled 2 "
+                                         r"image\(s\) of \(16, 16\), not 1 image"):
+        p2p.PromptToPromptBlendMask.execute(guider=guider, samples={"samples": out[:3]})
+    with pytest.raises(ValueError, match="PromptToPromptBlendMask: guider: expected the GUIDER of PromptToPromptEdit"):
+        p2p.PromptToPromptBlendMask.execute(guider=object(), samples={"samples": out})
+
+
+def test_real_image_node_outputs_each_edits_blend_mask(p2p, demo, scene):
+    model, clip = demo
+    inversion, _ = scene
+    outputs = p2p.PromptToPromptEditInversion.execute(
+        model=model, clip=clip, inversion=inversion, negative=negative(clip), cfg=5.0, source_prompt=SOURCE,
+        edit_prompts=f"{EDIT}\na red square on a striped yellow background", mode="auto", cross_replace_steps=0.8,
+        self_replace_steps=0.4, reweight="", word_cross_replace_steps="", blend_words="circle, square",
+        blend_threshold=0.8, add_final_residual=False, track_source=True).result
+    out, mask = outputs[0]["samples"], outputs[1]
+    assert out.shape[0] == 3 and mask.shape == (2, 16, 16)
+    assert 0 < mask.mean() < 1
+    for edit in range(2):
+        outside = mask[edit] == 0
+        assert outside.any() and (out[1 + edit][:, outside] - out[0][:, outside]).abs().max() <= 1e-5
+        assert (out[1 + edit] - out[0]).abs().max() > 1e-2  # and inside it the edit acts
+
+
+def stub_controlnet(asked):
+    """A stand-in ControlNet: records the rows it is asked for and adds 3 to the middle block's output."""
+    import comfy.controlnet
+
+    class Control(comfy.controlnet.ControlBase):
+        def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+            asked.append(x_noisy.shape[0])
+            return {"input": [], "middle": [torch.full((x_noisy.shape[0], 1, 1, 1), 3.0)], "output": []}
+
+        def copy(self):
+            return self
+
+        def inference_memory_requirements(self, dtype):
+            return 0
+
+    return Control()
+
+
+def test_a_controlnet_on_positive_reaches_every_branch(p2p, demo):
+    """The ControlNet of the optional `positive` (its text unused) is asked for every row of the edit batch and
+    moves the source and the edit alike: an unchanged prompt still reproduces the source."""
+    model, clip = demo
+    asked = []
+    control = stub_controlnet(asked)
+    positive = [[c, dict(extra, control=control, strength=1.0)]
+                for c, extra in clip.encode_from_tokens_scheduled(clip.tokenize("a green square"))]
+    plain, _ = run(p2p, model, clip, edits=(SOURCE, EDIT), batch=2)
+    controlled, guider = run(p2p, model, clip, edits=(SOURCE, EDIT), batch=2, positive=positive)
+    assert asked and set(asked) == {6}  # 2 images × [source, unchanged, edit], the conditional rows
+    assert all(c.get("control") is control for c in guider.original_conds["positive"])
+    for row in range(6):
+        assert (controlled[row] - plain[row]).abs().mean() > 1e-2  # every branch is controlled
+    for image in range(2):
+        group = controlled[image * 3:(image + 1) * 3]
+        assert (group[1] - group[0]).abs().max() <= 1e-5  # the source's text, not positive's, made the rows
+    with pytest.raises(ValueError, match="PromptToPromptEdit: positive: expected a CONDITIONING"):
+        run(p2p, model, clip, positive="a green square")
+
+
+def test_a_controlnet_on_positive_reaches_the_real_image_branches(p2p, demo, scene):
+    model, clip = demo
+    inversion, replay = scene
+    asked = []
+    positive = [[c, dict(extra, control=stub_controlnet(asked))]
+                for c, extra in clip.encode_from_tokens_scheduled(clip.tokenize(SOURCE))]
+    plain = p2p.edit_inversion(model, clip, inversion, negative(clip), SOURCE, [EDIT], 5.0, cross_replace_steps=0.2)
+    controlled = p2p.edit_inversion(model, clip, inversion, negative(clip), SOURCE, [EDIT], 5.0,
+                                    cross_replace_steps=0.2, positive=positive)
+    assert asked and set(asked) == {2}
+    assert (controlled[0] - plain[0]).abs().mean() > 1e-2 and (controlled[1] - plain[1]).abs().mean() > 1e-2
+
+
+def test_null_text_reconstructs_a_ddim_inversion_at_cfg_7_5(p2p, host, demo):
+    """Null-text optimisation (the authors' settings): the source branch, sampled at cfg 7.5 from a cfg-1 DDIM
+    inversion of a rendered scene, matches the VAE reconstruction far better than plain guided DDIM sampling."""
+    from attention_lab.demo import world
+
+    model, clip = demo
+    _, _, vae = host.module("nodes.demo").DemoModelLoader.execute().result
+    inv = host.module("nodes.inversion")
+    rendered = world.render(world.random_scene(7, objects=[("red", "circle")], style="stripes",
+                                              background_color="yellow"), 128)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes: the optimisation must work there
+        latent = vae.encode(torch.from_numpy(rendered.image).float()[None] / 255)
+        reference = vae.decode(latent)
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(SOURCE))
+        _, inversion = inv.invert(model, latent, positive, negative(clip), cfg=1.0, steps=STEPS,
+                                  scheduler="ddim_uniform")
+        psnr = {}
+        for null_text in (False, True):
+            out = p2p.edit_inversion(model, clip, inversion, negative(clip), SOURCE, [EDIT], 7.5, track_source=False,
+                                     null_text=null_text, cross_replace_steps=0.0)
+            error = ((vae.decode(out[:1]) - reference) ** 2).mean()
+            psnr[null_text] = float(10 * torch.log10(1 / error))
+    assert psnr[True] >= 30 and psnr[False] < 25, psnr
+
+
+def test_null_text_errors(p2p, demo, scene):
+    model, clip = demo
+    ddpm, _ = scene
+    with pytest.raises(ValueError, match="PromptToPromptEditInversion: null_text: needs a ddim inversion"):
+        p2p.edit_inversion(model, clip, ddpm, negative(clip), SOURCE, [EDIT], 7.5, null_text=True)
+    ddim = dataclasses.replace(ddpm, kind="ddim", noise_maps=None, final_residual=None)
+    with pytest.raises(ValueError, match="PromptToPromptEditInversion: null_text: cfg is 1.0"):
+        p2p.edit_inversion(model, clip, ddim, negative(clip), SOURCE, [EDIT], 1.0, null_text=True)
+
+
+@pytest.mark.parametrize("node", ["PromptToPromptEditInversion", "PromptToPromptBlendMask"])
+def test_every_input_and_output_has_a_tooltip(host, node):
+    schema = host.nodes.NODE_CLASS_MAPPINGS[node].define_schema()
+    assert all(getattr(i, "tooltip", None) for i in schema.inputs + schema.outputs)
+    defaults = {i.id: getattr(i, "default", None) for i in schema.inputs}
+    if node == "PromptToPromptEditInversion":
+        assert defaults["null_text"] is False and defaults["track_source"] is True
+        assert {o.id for o in schema.outputs} >= {"blend_mask"}

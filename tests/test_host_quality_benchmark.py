@@ -75,5 +75,6 @@ def test_quick_run_reports_every_section(host, tmp_path):
     assert exact and abs(exact[0]["value"] - exact[0]["baseline"]) < 0.1, inversion
     assert any("without the final residual" in m for m in inversion), inversion
     segment = [row["metric"] for row in rows if row["section"] == "SelfAttnSegment"]
-    assert sum("label ignored" in m for m in segment) == 2 and len(segment) == 8, segment
+    assert sum("label ignored" in m for m in segment) == 2 and len(segment) == 10, segment
+    assert sum(m.startswith("ceiling:") for m in segment) == 2, segment
     assert sum("labelled with its noun" in m for m in segment) == 2 and sum("first component AUC" in m for m in segment) == 2

@@ -114,9 +114,9 @@ def test_recorder_survives_clones_and_resets_between_runs(tiny, seg, clip):
     assert (repr(model.model_options), dict(model.wrappers)) == before  # the base MODEL is untouched
 
 
-def segment(seg, record, clip, latent=None, text=PROMPT, words="", segments=3, image=None):
+def segment(seg, record, clip, latent=None, text=PROMPT, words="", segments=3, image=None, edges="smooth"):
     return seg.SelfAttnSegment.execute(record, clip, text, words, segments, 32, 16, 0.35, 1,
-                                       latent=latent, image=image).args
+                                       latent=latent, image=image, edges=edges).args
 
 
 def test_segments_partition_the_image_with_consistent_labels(runs, seg, clip):
@@ -140,6 +140,22 @@ def test_segments_partition_the_image_with_consistent_labels(runs, seg, clip):
         start += n
     again = segment(seg, record, clip, {"samples": out}, words="cat, sunglasses, basket")
     assert torch.equal(again[0], masks) and again[2] == labels  # seeded KMeans: the same answer
+
+
+def test_smooth_edges_keep_the_labels_and_cut_inside_the_cells_the_paper_repeats(runs, seg, clip):
+    _, _, out, record = runs
+    smooth = segment(seg, record, clip, {"samples": out}, words="cat, basket")
+    cells = segment(seg, record, clip, {"samples": out}, words="cat, basket", edges="cells")
+    assert smooth[2] == cells[2]  # the same segments and labels: only the masks' edges differ
+    side = 128 // 16  # pixels per token of the 16x16 cluster grid
+    blocks = cells[0].reshape(-1, 16, side, 16, side)
+    assert torch.equal(blocks, blocks[:, :, :1, :, :1].expand_as(blocks))  # the paper's: whole cells
+    assert torch.equal(smooth[0].reshape(out.shape[0], -1, 128, 128).sum(1), torch.ones(out.shape[0], 128, 128))
+    assert not torch.equal(smooth[0], cells[0])
+    moved = (smooth[0] != cells[0]).float().mean()
+    assert 0 < moved < 0.25  # edges move inside the cells along the borders, segments stay where they were
+    with pytest.raises(ValueError, match="SelfAttnSegment: edges: expected one of smooth, cells, got 'soft'"):
+        segment(seg, record, clip, {"samples": out}, edges="soft")
 
 
 def test_reading_node_errors_say_what_to_do(runs, tiny, seg, clip):

@@ -395,3 +395,32 @@ def test_inversion_result_helpers():
 def test_package_does_not_import_comfy():
     source = "\n".join(p.read_text() for p in (ROOT / "inversion").glob("*.py"))
     assert "import comfy" not in source and "from comfy" not in source
+
+
+def test_null_text_optimisation_pulls_guided_sampling_onto_the_pivot():
+    """A toy model whose conditional estimate is `c` and unconditional estimate is the embedding itself:
+    the cfg-1 DDIM trajectory (the pivot) is reached at cfg 7.5 only when the embedding approaches `c`."""
+    from attention_lab.inversion.null_text import optimise_null_text
+
+    torch.manual_seed(0)
+    c = 0.05 * torch.randn(1, 4, 8, 8)
+    sigmas = torch.tensor([14.6, 4.0, 1.5, 0.5, 0.0])
+    denoise = lambda x, s, e: c.expand_as(x) if e is None else e.expand_as(x)  # noqa: E731
+    pivot = [torch.randn(1, 4, 8, 8) * sigmas[0]]
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        pivot.append(c + s_next * (pivot[-1] - c) / s)
+    pivot = torch.stack(pivot)
+
+    def guided_end(embeddings):
+        x = pivot[0]
+        for k, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+            d = embeddings[k] + 7.5 * (c - embeddings[k])
+            x = d + s_next * (x - d) / s
+        return x
+
+    null = torch.zeros(1, 4, 8, 8)
+    embeddings = optimise_null_text(denoise, pivot, sigmas, null, 7.5)
+    assert len(embeddings) == 4 and embeddings[0].shape == null.shape and not embeddings[0].requires_grad
+    before = (guided_end([null] * 4) - pivot[-1]).abs().mean()
+    after = (guided_end(embeddings) - pivot[-1]).abs().mean()
+    assert after < 0.1 * before, (before, after)

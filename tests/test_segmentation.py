@@ -15,8 +15,11 @@ from attention_lab.attention_patches.segmentation import (
     place_labels,
     resize_map,
     segment_masks,
+    segment_memberships,
     segment_preview,
     select_words,
+    smooth_labels,
+    upsample_labels,
     word_maps,
     word_masks,
 )
@@ -130,6 +133,50 @@ def test_masks_partition_the_image_and_word_masks_are_unions():
     words = word_masks(masks, segment_labels, ["cat", "basket", "with"])
     cat_segment = int(labels[0, 0])
     assert torch.equal(words[0], masks[cat_segment]) and words[2].sum() == 0
+
+
+def half_covered_object(cover: float):
+    """A 1x4 grid of tokens: background, background, a token covering `cover` of an object on its right,
+    the object; each attention row that of the area it covers (the edge token's a mixture)."""
+    background, thing = torch.tensor([0.4, 0.4, 0.1, 0.1]), torch.tensor([0.05, 0.05, 0.3, 0.6])
+    rows = torch.stack([background, background, (1 - cover) * background + cover * thing, thing])
+    labels = torch.tensor([[0, 0, 0 if cover < 0.5 else 1, 1]])
+    return rows, labels
+
+
+@pytest.mark.parametrize("cover", [0.25, 0.5, 0.75])
+def test_memberships_are_the_mixture_of_an_edge_token(cover):
+    rows, labels = half_covered_object(cover)
+    shares = segment_memberships(rows, labels)
+    assert shares.shape == (2, 1, 4) and torch.allclose(shares.sum(0), torch.ones(1, 4), atol=1e-5)
+    # the centroids are the segments' mean rows (the edge token among them): the edge token lies between
+    # them and its shares rebuild its row; the pure tokens belong wholly to their own segment
+    centroids = torch.stack([rows[labels[0] == s].mean(0) for s in (0, 1)])
+    assert torch.allclose(shares[:, 0, 2] @ centroids, rows[2], atol=1e-3) and 0.05 < shares[1, 0, 2] < 0.95
+    assert shares[1, 0].tolist() == pytest.approx([0.0, 0.0, float(shares[1, 0, 2]), 1.0], abs=1e-3)
+
+
+def test_smooth_edges_cut_the_half_covered_cell_where_its_mixture_says():
+    size = (4, 64)  # 16 pixels per token
+    edges = []
+    for cover in (0.25, 0.75):
+        rows, labels = half_covered_object(cover)
+        big = smooth_labels(segment_memberships(rows, labels), size)
+        assert torch.equal(big[0], big[-1])  # one row of tokens: every pixel row alike
+        edges.append(int((big[0] == 1).nonzero()[0]))  # the object's first pixel
+        cells = upsample_labels(labels, size)
+        assert int((cells[0] == 1).nonzero()[0]) in (32, 48)  # repeated cells: edges on the token grid only
+    # the third token's cell is pixels 32..47: the object takes more of it the more the token covers it
+    assert 32 < edges[1] < edges[0] < 48
+    masks = segment_masks(labels, size, big)
+    assert torch.equal(masks.sum(0), torch.ones(size))
+
+
+def test_a_segment_that_lost_every_token_keeps_an_empty_share():
+    rows, _ = half_covered_object(0.0)
+    shares = segment_memberships(rows, torch.tensor([[0, 0, 0, 2]]))
+    assert not shares.isnan().any()
+    assert shares.shape == (3, 1, 4) and shares[1].sum() == 0 and shares[2, 0, 3] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_fold_repeated_context_adds_the_copies():
