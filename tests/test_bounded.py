@@ -130,35 +130,98 @@ def test_technique_masks_cond_rows_of_cross_and_every_row_of_self(cond_or_uncond
     assert torch.allclose(out.double(), reference(q, q, q, selfm), atol=1e-5)
 
 
-def test_self_attention_runs_in_query_groups_without_an_n_by_n_mask():
-    # overlapping boxes (a query in both sees both), refined regions per image, and a mask from further out
-    boxes = ((0.0, 0.0, 0.75, 0.5), (0.5, 0.0, 1.0, 1.0))
-    layout = ba.BoundedLayout(boxes=boxes, subject_tokens=((2, 3), (6, 7)), eos_token=8)
-    masks_seen = []
+class PhaseStub:
+    """Stands for the guidance probe: only whether a guidance pass is running."""
 
-    def spy(q, k, v, heads, mask=None, **kwargs):
-        masks_seen.append(None if mask is None else tuple(mask.shape))
-        return ba_backend.sdpa_attention(q, k, v, heads, mask=mask)
+    def __init__(self, collecting: bool):
+        self.collecting = collecting
 
-    router = AttentionRouter(LAYERS, attention=spy)
+
+def bounded_pair(layout, collecting=False, start_refined=None):
+    """(gathered, masked) routers with the same technique state; `masked` is forced to the additive-mask path."""
     refinement = ba.MaskRefinement(layout, {LAYERS[0]})  # not on the router: the test sets its regions
-    router.add(ba.BoundedAttention(layout, refinement=refinement))
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(4, 16, HEADS * 8, generator=g, dtype=torch.float64) for _ in range(3))
-    outer = torch.randn(4, 1, 16, 16, generator=g, dtype=torch.float64)
-    box_regions = ba.box_masks(boxes, 4, 4)
-    refined = torch.stack([box_regions, box_regions.roll(1, -1)])  # two images, other regions each
-    for regions in (None, refined):
-        refinement.refined, refinement.refined_grid = regions, (None if regions is None else (4, 4))
+    if start_refined is not None:
+        refinement.refined, refinement.refined_grid = start_refined, (4, 4)
         refinement.revision += 1
-        masks_seen.clear()
-        out = router.patch_for(LAYERS[0], is_self=True)(q, k, v, options(batch=4), mask=outer)
-        per_image = [box_regions] * 2 if regions is None else list(regions)
-        for row in range(4):
-            allowed = ba.self_attention_allowed(per_image[row % 2])
-            expected = reference(q[row:row + 1], k[row:row + 1], v[row:row + 1], outer[row:row + 1, 0] + ba.additive(allowed, torch.float64))
-            assert torch.allclose(out[row:row + 1], expected, atol=1e-10), row
-        assert masks_seen and all(shape[-1] == 16 and shape[-2] < 16 for shape in masks_seen if shape)
+    calls = {"gathered": [], "masked": []}
+    routers = {}
+    for path, whole_call in (("gathered", False), ("masked", True)):
+        def spy(q, k, v, heads, mask=None, _seen=calls[path], **kwargs):
+            _seen.append((q.shape[0], q.shape[1], k.shape[1], None if mask is None else tuple(mask.shape)))
+            return ba_backend.sdpa_attention(q, k, v, heads, mask=mask)
+
+        router = AttentionRouter(LAYERS, attention=spy)
+        technique = router.add(ba.BoundedAttention(layout, guidance=PhaseStub(collecting), refinement=refinement))
+        technique.inner_wants = lambda call, whole_call=whole_call: whole_call
+        routers[path] = router
+    return routers, calls
+
+
+OVERLAPPING = ba.BoundedLayout(boxes=((0.0, 0.0, 0.75, 0.5), (0.5, 0.0, 1.0, 1.0)),
+                               subject_tokens=((2, 3), (6, 7)), eos_token=8, filter_tokens=(1, 4, 5))
+
+
+@pytest.mark.parametrize("layout", [LAYOUT, OVERLAPPING], ids=["disjoint", "overlapping"])
+@pytest.mark.parametrize("refined", [False, True], ids=["boxes", "refined"])
+@pytest.mark.parametrize("cond_or_uncond", [(1, 0), (0,), (1,), (0, 1, 0)])
+@pytest.mark.parametrize("collecting", [False, True], ids=["denoising", "guidance-pass"])
+@pytest.mark.parametrize("outer", [False, True], ids=["no-outer-mask", "outer-mask"])
+def test_gathered_attention_equals_the_masked_call(layout, refined, cond_or_uncond, collecting, outer):
+    images = 2
+    batch = len(cond_or_uncond) * images
+    boxes = ba.box_masks(layout.boxes, 4, 4)
+    regions = torch.stack([boxes, boxes.roll(1, -1)]) if refined else None  # other regions per image
+    routers, calls = bounded_pair(layout, collecting, regions)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(batch, 16, HEADS * 8, generator=g) for _ in range(3))
+    context = torch.randn(batch, 154, HEADS * 8, generator=g)  # two text chunks
+    outer_masks = {True: torch.randn(batch, 1, 16, 16, generator=g), False: torch.randn(1, 1, 16, 154, generator=g)}
+    opts = options(cond_or_uncond=cond_or_uncond, batch=batch)
+    for is_self, keys in ((True, k), (False, context)):
+        mask = outer_masks[is_self] if outer else None
+        results = {path: router.patch_for(LAYERS[0], is_self=is_self)(q, keys, keys if not is_self else v, opts, mask=mask)
+                   for path, router in routers.items()}
+        assert (results["gathered"] - results["masked"]).abs().max() <= 1e-5, is_self
+    # the gathered path hands the backend only allowed keys, and a mask only where one came from further out
+    assert all(rows * queries <= batch * 16 for rows, queries, _, _ in calls["gathered"])
+    assert any(keys not in (16, 154) for _, _, keys, _ in calls["gathered"])
+    assert all((m is None) != outer for *_, m in calls["gathered"])
+    assert all(m is not None for *_, m in calls["masked"])
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_gathered_attention_equals_the_masked_call_in_half_precision(dtype, tolerance):
+    routers, _ = bounded_pair(OVERLAPPING)
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(4, 16, HEADS * 8, generator=g).to(dtype) for _ in range(3))
+    context = torch.randn(4, 77, HEADS * 8, generator=g).to(dtype)
+    opts = options(cond_or_uncond=(1, 0), batch=4)
+    for is_self, (keys, values) in ((True, (k, v)), (False, (context, context))):
+        gathered, masked = (router.patch_for(LAYERS[0], is_self=is_self)(q, keys, values, opts) for router in routers.values())
+        assert gathered.dtype == dtype and torch.isfinite(gathered).all()
+        exact = softmax_attention(q, keys, values, HEADS, None)  # scale of the values
+        assert (gathered.double() - masked.double()).abs().max() <= tolerance * exact.abs().max(), is_self
+
+
+def test_self_and_cross_attention_need_no_mask_of_the_calls_size():
+    # per group of queries one backend call over the keys that group sees: no [B, N, keys] or N×N tensor
+    routers, calls = bounded_pair(LAYOUT)
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 16, HEADS * 8, generator=g)
+    context = torch.randn(2, 77, HEADS * 8, generator=g)
+    regions = ba.box_masks(BOXES, 4, 4)
+    opts = options(cond_or_uncond=(1, 0), batch=2)
+    routers["gathered"].patch_for(LAYERS[0], is_self=False)(q, context, context, opts)
+    # the unconditional row over every token; then background, subject 0, subject 1 on the conditional row
+    background = (~regions.any(0)).sum().item()
+    open_tokens = 77 - 2 - 2 - 3  # SOT, padding and EOS: not the subjects' or the filter words' tokens
+    assert sorted(calls["gathered"]) == sorted([(1, 16, 77, None), (1, background, open_tokens - 1, None),
+                                                (1, 4, open_tokens + 2, None), (1, 4, open_tokens + 2, None)])
+    calls["gathered"].clear()
+    routers["gathered"].patch_for(LAYERS[0], is_self=True)(q, q, q, opts)
+    # background queries see every key; a subject's queries its own cells and the background
+    assert sorted(calls["gathered"]) == sorted([(2, background, 16, None), (2, 4, background + 4, None),
+                                                (2, 4, background + 4, None)])
 
 
 # -- losses -----------------------------------------------------------------------------

@@ -76,3 +76,68 @@ def test_refinement_runs_in_sampling_and_is_reproducible(node, patching, tiny):
     # a second run starts from the boxes with a fresh record: same masks, same result
     assert refinement.refinements == [2, 4] and torch.equal(refinement.refined, regions)
     assert torch.equal(again, refined)
+
+
+def sample_family(model, tiny, family, cfg, dtype, images=2):
+    import comfy.sample
+
+    g = torch.Generator().manual_seed(5)
+    cond = torch.randn(1, 77, tiny.TEXT_HIDDEN, generator=g)
+    extra = {}
+    if family == "sdxl":
+        extra = {"pooled_output": torch.randn(1, tiny.SDXL_POOLED, generator=g), "width": 128, "height": 128}
+    negative_extra = dict(extra, pooled_output=torch.zeros(1, tiny.SDXL_POOLED)) if extra else {}
+    noise = torch.randn(images, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(11))
+    return comfy.sample.sample(model, noise, STEPS, cfg, "euler", "normal", [[cond, extra]],
+                               [[torch.zeros_like(cond), negative_extra]], torch.zeros_like(noise), seed=0,
+                               disable_pbar=True)
+
+
+PATH_CASES = [("sd15", torch.float32, 1.0), ("sdxl", torch.float32, 1.0), ("sd15", torch.float32, 5.0),
+              ("sdxl", torch.float32, 5.0), ("sd15", torch.float16, 5.0), ("sdxl", torch.bfloat16, 5.0)]
+
+
+def sample_bounded(node, patching, tiny, family, dtype, cfg, path: str, calls: dict | None = None):
+    """Masks only, refinement on; `path` "masked" forces every call onto the additive masks."""
+    model = {"sd15": tiny.sd15_unet, "sdxl": tiny.sdxl_unet}[family](seed=3, dtype=dtype)
+    bounded = patched(node, patching, model, tiny.text_encoder(), refine_masks=True)
+    technique = technique_of(patching, bounded)
+    if path == "masked":
+        technique.inner_wants = lambda call: True
+    if calls is not None:
+        gathered_attention, mask_for = technique.gathered_attention, technique.mask_for
+
+        def count_gathered(*args, **kwargs):
+            calls["gathered"] += 1
+            return gathered_attention(*args, **kwargs)
+
+        def count_masked(*args, **kwargs):
+            calls["masked"] += 1
+            return mask_for(*args, **kwargs)
+
+        technique.gathered_attention, technique.mask_for = count_gathered, count_masked
+    result = sample_family(bounded, tiny, family, cfg, dtype)
+    assert technique_of(patching, bounded, "bounded_mask_refinement").refinements == [2, 4]
+    return result.double(), model
+
+
+@pytest.mark.parametrize("family,dtype,cfg", PATH_CASES, ids=lambda c: str(c).removeprefix("torch."))
+def test_gathered_masks_sample_as_the_additive_masks_do(node, patching, tiny, family, dtype, cfg):
+    # the mask layers' calls (recorded until the last rebuild) take the additive masks, every other call
+    # the gathered groups, with the boxes and then the refined regions; forcing every call onto the
+    # additive masks gives the same latents: in fp32 up to summation order, in half precision closer
+    # than the masked path itself is to its fp32 run
+    calls = {path: {"gathered": 0, "masked": 0} for path in ("gathered", "masked")}
+    with torch.inference_mode():
+        gathered, model = sample_bounded(node, patching, tiny, family, dtype, cfg, "gathered", calls["gathered"])
+        masked, _ = sample_bounded(node, patching, tiny, family, dtype, cfg, "masked", calls["masked"])
+        unpatched = sample_family(model, tiny, family, cfg, dtype).double()
+        in_fp32 = (None if dtype == torch.float32
+                   else sample_bounded(node, patching, tiny, family, torch.float32, cfg, "masked")[0])
+    assert calls["gathered"]["gathered"] > calls["gathered"]["masked"] > 0  # both paths ran
+    assert calls["masked"]["gathered"] == 0
+    assert torch.isfinite(gathered).all()
+    scale = masked.abs().max()
+    tolerance = 1e-5 * scale if in_fp32 is None else (masked - in_fp32).abs().max()
+    assert (gathered - masked).abs().max() <= tolerance
+    assert (masked - unpatched).abs().max() > 1e-2 * scale  # the masks change the result

@@ -21,9 +21,13 @@ masks), then the refinement; call `begin_run()` on the refinement at the start
 of every sampling run.
 
 Where the pack differs from the authors' code, and why:
-- self-attention masks are applied per group of queries (`self_attention_groups`,
-  one key row per group) instead of as a dense N×N mask, wherever nothing further
-  in needs the whole call: identical results, O(N) memory;
+- wherever nothing further in needs the whole call, the masks are applied in
+  structured form instead of as additive masks (dense N×N for self-attention,
+  `[B, N, keys]` for cross-attention): per group of queries held by the same
+  subjects, one attention call over only the keys that group may see, gathered
+  (`BoundedAttention.gathered_attention`): the same result (a masked key's
+  weight is exactly 0), O(N) indices instead of masks, and no mask handed to the
+  backend, so fused kernels (FlashAttention) stay eligible;
 - a box that rounds to no cell on a coarse grid keeps the cell at its centre
   (`box_masks`; their grids never empty a box);
 - below the authors' image size the loss also reads the layers at their grids

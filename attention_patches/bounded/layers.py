@@ -86,8 +86,9 @@ def memory_needed(latent: tuple[int, int], images: int, family: str, heads: Call
     all layers kept for the backward pass) and a layer's dense self mask;
     refinement: the mask layers' float32 self-attention record (sum and mean) and their dense
     self masks (a recorder there needs whole calls), one per batch row once refined;
-    masks: the cross-attention masks of every grid. Self-attention elsewhere runs in
-    query groups (`self_attention_groups`) and needs no N×N tensor.
+    masks: the cross-attention masks of the grids where guidance or refinement reads whole
+    calls. Every other call runs as gathered query groups (`BoundedAttention.gathered_attention`):
+    O(N) indices, no mask.
     """
     parts = {}
     if loss_layers:
@@ -102,9 +103,8 @@ def memory_needed(latent: tuple[int, int], images: int, family: str, heads: Call
     if mask_layers:
         grids = {layer_tokens(layer, family, latent) for layer in mask_layers}
         parts["refinement"] = sum(2 * images * n * n * 4 + chunks * images * n * n * (dtype_bytes + 5) for n in grids)
-    every_grid = {layer_tokens((kind, block, 0), family, latent) for kind, blocks in DOWNSAMPLE[family].items()
-                  for block in blocks}
-    parts["masks"] = sum(chunks * images * n * text_tokens * dtype_bytes for n in every_grid)
+    read_grids = {layer_tokens(layer, family, latent) for layer in set(mask_layers) | set(loss_layers)}
+    parts["masks"] = sum(chunks * images * n * text_tokens * dtype_bytes for n in read_grids)
     return parts
 
 
