@@ -121,7 +121,7 @@ def test_unsupported_family_is_refused(node, clip, host):
         def clone(self):
             return self
 
-    with pytest.raises(ValueError, match="SD1.x, SD2.x and SDXL"):
+    with pytest.raises(ValueError, match=r"BoundedAttentionLayout: the model is .*; BoundedAttentionLayout supports SD1\.x/SD2\.x/SDXL UNet models"):
         node._apply(FakeFlux(), clip, **inputs())
 
 
