@@ -7,7 +7,7 @@ take the `host` fixture: a real ComfyUI with this pack loaded as ComfyUI loads
 it (or a skip that prints why there is none), and get the pack's modules from
 `host.module("nodes.segment")`; those are the very modules the core tests
 imported, so objects pass between them. `tiny` is tests/tiny_models.py, the
-small seeded-random models host tests and benchmarks build.
+small seeded-random models host tests and benchmarks build; `tiny_dit` is tests/tiny_dit.py (Flux, SD3).
 """
 
 from __future__ import annotations
@@ -43,3 +43,10 @@ def tiny(host):
     import tiny_models
 
     return tiny_models
+
+
+@pytest.fixture(scope="session")
+def tiny_dit(host):
+    import tiny_dit
+
+    return tiny_dit

@@ -133,27 +133,15 @@ def test_clear_errors(sd15, tiny, inv, xi):
                                                                               swap_end=0.5))
 
 
-def test_controlnet_steers_the_output_branch_only(sd15, xi):
+def test_controlnet_steers_the_output_branch_only(sd15, xi, tiny):
     """A stand-in ControlNet on `output_conditioning`: it is asked for residuals once per step, for the
     output rows only (never for the appearance/structure source calls), and changes the output."""
-    import comfy.controlnet
-
     model, clip, structure, appearance = sd15
     asked = []
 
-    class Control(comfy.controlnet.ControlBase):
-        def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
-            asked.append(x_noisy.shape[0])
-            return {"input": [], "middle": [torch.full((x_noisy.shape[0], 1, 1, 1), 3.0)], "output": []}
-
-        def copy(self):
-            return self
-
-        def inference_memory_requirements(self, dtype):
-            return 0
-
     plain, guider = xi.transfer(model, clip, structure, appearance, xi.CrossImageSettings("cat", "dog"))
-    controlled_cond = [[c, dict(extra, control=Control())] for c, extra in xi.encode(clip, STRUCTURE_PROMPT)]
+    control = tiny.stub_controlnet(asked)
+    controlled_cond = [[c, dict(extra, control=control)] for c, extra in xi.encode(clip, STRUCTURE_PROMPT)]
     controlled, _ = xi.transfer(model, clip, structure, appearance, xi.CrossImageSettings("cat", "dog"),
                                 output_conditioning=controlled_cond)
     plan = guider.plan

@@ -17,13 +17,6 @@ def dit(host):
     return host.module("attention_patches.dit")
 
 
-@pytest.fixture(scope="module")
-def tiny_dit(host):
-    import tiny_dit
-
-    return tiny_dit
-
-
 MODELS = ["flux", "flux_schnell", "sd3"]
 
 

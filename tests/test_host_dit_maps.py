@@ -17,13 +17,6 @@ def token_helper(host):
     return host.module("nodes.tokens")
 
 
-@pytest.fixture(scope="module")
-def tiny_dit(host):
-    import tiny_dit
-
-    return tiny_dit
-
-
 @pytest.fixture(scope="module", params=["flux", "sd3"])
 def family(request, tiny_dit):
     name = request.param

@@ -15,13 +15,6 @@ def node(host):
     return host.module("nodes.style_aligned")
 
 
-@pytest.fixture(scope="module")
-def tiny_dit(host):
-    import tiny_dit
-
-    return tiny_dit
-
-
 @pytest.fixture(scope="module", params=["flux", "sd3"])
 def family(request, tiny_dit):
     name = request.param

@@ -316,30 +316,12 @@ def test_real_image_node_outputs_each_edits_blend_mask(p2p, demo, scene):
         assert (out[1 + edit] - out[0]).abs().max() > 1e-2  # and inside it the edit acts
 
 
-def stub_controlnet(asked):
-    """A stand-in ControlNet: records the rows it is asked for and adds 3 to the middle block's output."""
-    import comfy.controlnet
-
-    class Control(comfy.controlnet.ControlBase):
-        def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
-            asked.append(x_noisy.shape[0])
-            return {"input": [], "middle": [torch.full((x_noisy.shape[0], 1, 1, 1), 3.0)], "output": []}
-
-        def copy(self):
-            return self
-
-        def inference_memory_requirements(self, dtype):
-            return 0
-
-    return Control()
-
-
-def test_a_controlnet_on_positive_reaches_every_branch(p2p, demo):
+def test_a_controlnet_on_positive_reaches_every_branch(p2p, demo, tiny):
     """The ControlNet of the optional `positive` (its text unused) is asked for every row of the edit batch and
     moves the source and the edit alike: an unchanged prompt still reproduces the source."""
     model, clip = demo
     asked = []
-    control = stub_controlnet(asked)
+    control = tiny.stub_controlnet(asked)
     positive = [[c, dict(extra, control=control, strength=1.0)]
                 for c, extra in clip.encode_from_tokens_scheduled(clip.tokenize("a green square"))]
     plain, _ = run(p2p, model, clip, edits=(SOURCE, EDIT), batch=2)
@@ -355,11 +337,11 @@ def test_a_controlnet_on_positive_reaches_every_branch(p2p, demo):
         run(p2p, model, clip, positive="a green square")
 
 
-def test_a_controlnet_on_positive_reaches_the_real_image_branches(p2p, demo, scene):
+def test_a_controlnet_on_positive_reaches_the_real_image_branches(p2p, demo, scene, tiny):
     model, clip = demo
     inversion, replay = scene
     asked = []
-    positive = [[c, dict(extra, control=stub_controlnet(asked))]
+    positive = [[c, dict(extra, control=tiny.stub_controlnet(asked))]
                 for c, extra in clip.encode_from_tokens_scheduled(clip.tokenize(SOURCE))]
     plain = p2p.edit_inversion(model, clip, inversion, negative(clip), SOURCE, [EDIT], 5.0, cross_replace_steps=0.2)
     controlled = p2p.edit_inversion(model, clip, inversion, negative(clip), SOURCE, [EDIT], 5.0,

@@ -19,12 +19,11 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
-import comfy.sd1_clip
 import comfy.supported_models
-import comfy.supported_models_base
 import comfy.taesd.taesd
 
-TEXT_HIDDEN = 64
+from attention_lab.nodes.demo import TEXT_HIDDEN, text_encoder  # noqa: F401 - the tiny CLIP the DiT examples encode with
+
 LATENT_CHANNELS = 16
 
 # Flux's structure (double-stream then single-stream blocks, RoPE over 3 axes, 2×2
@@ -87,29 +86,6 @@ def taesd16_vae(seed: int = 0) -> comfy.sd.VAE:
     module = comfy.taesd.taesd.TAESD(latent_channels=LATENT_CHANNELS)
     _seeded_init(module, seed)
     return comfy.sd.VAE(sd=module.state_dict())
-
-
-TEXT_CONFIG = {
-    "architectures": ["CLIPTextModel"], "hidden_act": "quick_gelu", "hidden_size": TEXT_HIDDEN,
-    "intermediate_size": 4 * TEXT_HIDDEN, "num_attention_heads": 4, "num_hidden_layers": 2,
-    "max_position_embeddings": 77, "vocab_size": 49408, "projection_dim": TEXT_HIDDEN,
-    "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 49407, "pad_token_id": 1,
-    "model_type": "clip_text_model", "torch_dtype": "float32",
-}
-
-
-def text_encoder(seed: int = 0) -> comfy.sd.CLIP:
-    """A ComfyUI CLIP (the standard CLIP-L tokenizer over a 2-layer, 64-wide text model) giving the
-    TEXT_HIDDEN-wide tokens and pooled vector the tiny DiTs take, for CLIPTextEncode in workflows."""
-
-    class TinyClipModel(comfy.sd1_clip.SD1ClipModel):
-        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
-            super().__init__(device=device, dtype=dtype, model_options=model_options,
-                             clip_model=comfy.sd1_clip.SDClipModel, textmodel_json_config=TEXT_CONFIG)
-
-    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinyClipModel))
-    _seeded_init(clip.cond_stage_model, seed)
-    return clip
 
 
 def conds(seed: int = 0, tokens: int = 7, flux: bool = True, guidance: float = 3.5):

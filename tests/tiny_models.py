@@ -62,3 +62,21 @@ def taesd_vae(seed: int = 0) -> comfy.sd.VAE:
     module = comfy.taesd.taesd.TAESD()
     seeded_init(module, seed)
     return comfy.sd.VAE(sd=module.state_dict())
+
+
+def stub_controlnet(asked):
+    """A stand-in ControlNet: records the rows it is asked for and adds 3 to the middle block's output."""
+    import comfy.controlnet
+
+    class Control(comfy.controlnet.ControlBase):
+        def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+            asked.append(x_noisy.shape[0])
+            return {"input": [], "middle": [torch.full((x_noisy.shape[0], 1, 1, 1), 3.0)], "output": []}
+
+        def copy(self):
+            return self
+
+        def inference_memory_requirements(self, dtype):
+            return 0
+
+    return Control()
