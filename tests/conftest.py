@@ -50,3 +50,9 @@ def tiny_dit(host):
     import tiny_dit
 
     return tiny_dit
+
+
+@pytest.fixture(scope="session")
+def demo_model(host):
+    """(MODEL, CLIP, VAE) of the shipped demo model, as DemoModelLoader gives them."""
+    return host.module("nodes.demo").DemoModelLoader.execute().result

@@ -18,7 +18,7 @@ def node(host):
 @pytest.fixture(scope="module", params=["flux", "sd3"])
 def family(request, tiny_dit):
     name = request.param
-    model = tiny_dit.flux_model(seed=3) if name == "flux" else tiny_dit.sd3_model(seed=3)
+    model = tiny_dit.model(name, seed=3)
     positive, negative = tiny_dit.conds(seed=5, flux=name == "flux")
     return name, model, positive, negative
 

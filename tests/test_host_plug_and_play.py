@@ -20,9 +20,8 @@ def inv(host):
 
 
 @pytest.fixture(scope="module")
-def demo(host):
-    model, clip, vae = host.module("nodes.demo").DemoModelLoader.execute().result
-    return model, clip, vae
+def demo(demo_model):
+    return demo_model
 
 
 def encode(clip, text):

@@ -16,9 +16,8 @@ def p2p(host):
 
 
 @pytest.fixture(scope="module")
-def demo(host):
-    model, clip, _ = host.module("nodes.demo").DemoModelLoader.execute().result
-    return model, clip
+def demo(demo_model):
+    return demo_model[:2]
 
 
 def negative(clip):
@@ -179,12 +178,12 @@ def test_sdxl_unet(p2p, host, demo, tiny, cfg):
 
 
 @pytest.fixture(scope="module")
-def scene(host, demo):
+def scene(host, demo, demo_model):
     """A rendered demo-world scene (a red circle on yellow stripes), VAE-encoded, and DDPM-inverted at cfg 5."""
     from attention_lab.demo import world
 
     model, clip = demo
-    _, _, vae = host.module("nodes.demo").DemoModelLoader.execute().result
+    _, _, vae = demo_model
     inv = host.module("nodes.inversion")
     rendered = world.render(world.random_scene(7, objects=[("red", "circle")], style="stripes",
                                               background_color="yellow"), 128)
@@ -350,13 +349,13 @@ def test_a_controlnet_on_positive_reaches_the_real_image_branches(p2p, demo, sce
     assert (controlled[0] - plain[0]).abs().mean() > 1e-2 and (controlled[1] - plain[1]).abs().mean() > 1e-2
 
 
-def test_null_text_reconstructs_a_ddim_inversion_at_cfg_7_5(p2p, host, demo):
+def test_null_text_reconstructs_a_ddim_inversion_at_cfg_7_5(p2p, host, demo, demo_model):
     """Null-text optimisation (the authors' settings): the source branch, sampled at cfg 7.5 from a cfg-1 DDIM
     inversion of a rendered scene, matches the VAE reconstruction far better than plain guided DDIM sampling."""
     from attention_lab.demo import world
 
     model, clip = demo
-    _, _, vae = host.module("nodes.demo").DemoModelLoader.execute().result
+    _, _, vae = demo_model
     inv = host.module("nodes.inversion")
     rendered = world.render(world.random_scene(7, objects=[("red", "circle")], style="stripes",
                                               background_color="yellow"), 128)

@@ -81,6 +81,11 @@ def sd3_model(seed: int = 0, dtype=torch.float32):
     return _model(comfy.supported_models.SD3, SD3, seed, dtype)
 
 
+def model(family: str, seed: int = 0, dtype=torch.float32):
+    """The tiny model of `family` ("flux" or "sd3")."""
+    return flux_model(seed, dtype) if family == "flux" else sd3_model(seed, dtype)
+
+
 def taesd16_vae(seed: int = 0) -> comfy.sd.VAE:
     """A 16-channel TAESD-architecture VAE (as taef1/taesd3), for Flux and SD3 latents."""
     module = comfy.taesd.taesd.TAESD(latent_channels=LATENT_CHANNELS)
