@@ -35,7 +35,8 @@ from comfy_api.latest import io
 from ..attention_patches import plug_and_play as pnp
 from .inversion import INVERSION, check_inversion, check_invertible, guided_sample
 from .patching import UnsupportedModelError, attach_router, model_family, unet_layers
-from .source_branch import SourceBranchGuider, encode_group, sample_ddim_tracking_source
+from .source_branch import (SourceBranchGuider, carry_extras, encode_group, positive_tooltip,
+                            sample_ddim_tracking_source)
 
 NODE = "PlugAndPlay"
 NEGATIVE = "ugly, blurry, black, low res, unrealistic"  # the authors' pnp-config.yaml
@@ -97,13 +98,17 @@ def check_inputs(model, inversion, steps: int, feature_steps: float, attention_s
 
 def translate(model, clip, inversion, prompts: list[str], negative_prompt: str = NEGATIVE, cfg: float = 7.5,
               steps: int = 50, feature_steps: float = pnp.FEATURE_STEPS,
-              attention_steps: float = pnp.ATTENTION_STEPS, guidance_prompt: str = "") -> torch.Tensor:
-    """The translations, a user-space LATENT tensor: per inverted image, one row per prompt, in order."""
+              attention_steps: float = pnp.ATTENTION_STEPS, guidance_prompt: str = "", positive=None) -> torch.Tensor:
+    """The translations, a user-space LATENT tensor: per inverted image, one row per prompt, in order.
+
+    `positive`'s extras (a ControlNet's control, ...) reach the guidance row and every translation's conditional
+    row, so the features injected from the guidance branch carry the same control as the rows they enter.
+    """
     if not prompts:
         raise _error("prompts", "is empty: give the translation prompt (one per line, e.g. 'a green circle on a "
                                 "dotted yellow background')")
     # The guidance row has the guidance prompt in both CFG halves: the same tensors for both halves' edits.
-    positive = encode_group(clip, [guidance_prompt] + prompts, NODE, "prompts")
+    positive = carry_extras(encode_group(clip, [guidance_prompt] + prompts, NODE, "prompts"), positive, NODE)
     negative = encode_group(clip, [guidance_prompt] + [negative_prompt] * len(prompts), NODE, "negative_prompt")
     return translate_conditioned(model, inversion, positive, negative, len(prompts) + 1, cfg, steps, feature_steps,
                                  attention_steps)
@@ -167,13 +172,16 @@ class PlugAndPlay(io.ComfyNode):
                 io.String.Input("guidance_prompt", default="",
                                 tooltip="The text of the guidance branch (the authors: empty, the prompt the image "
                                         "is inverted with). Leave empty unless you inverted with a prompt."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip=positive_tooltip("the guidance branch and every translation")),
             ],
             outputs=[io.Latent.Output(tooltip="The translations: per inverted image, one per prompt, in order.")],
         )
 
     @classmethod
     def execute(cls, model, clip, inversion, prompts, negative_prompt, cfg, steps, feature_injection,
-                attention_injection, guidance_prompt) -> io.NodeOutput:
+                attention_injection, guidance_prompt, positive=None) -> io.NodeOutput:
         lines = [line.strip() for line in prompts.splitlines() if line.strip()]
         return io.NodeOutput({"samples": translate(model, clip, inversion, lines, negative_prompt, cfg, steps,
-                                                   feature_injection, attention_injection, guidance_prompt)})
+                                                   feature_injection, attention_injection, guidance_prompt,
+                                                   positive)})

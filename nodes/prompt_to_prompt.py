@@ -42,11 +42,7 @@ IMAGE_NODE = "PromptToPromptEditInversion"
 MASK_NODE = "PromptToPromptBlendMask"
 MODES = ("auto", "word swap", "refine")
 FRACTION = dict(min=0.0, max=1.0, step=0.01)
-POSITIVE_TOOLTIP = (
-    "Optional: a conditioning whose extras reach the source and every edit, e.g. CLIPTextEncode -> "
-    "ControlNetApplyAdvanced (apply the same ControlNet to the negative). Its text is not used: each branch keeps "
-    "its own prompt; its control, area, mask and strength are added to every branch. Several entries (Conditioning "
-    "Combine) give several conditionings, each over every branch. Not connected: the prompts alone.")
+POSITIVE_TOOLTIP = source_branch.positive_tooltip("the source and every edit")
 BLEND_MASK_TOOLTIP = ("Local blend's mask at the last step, one per edit (per image, then per edit), at the latent's "
                       "size: 1 where the edit may differ from the source, 0 where it is the source. All ones "
                       "without blend_words (the edit applies everywhere).")

@@ -41,6 +41,15 @@ def encode_group(clip, prompts: list[str], node: str, name: str = "prompts"):
 ENCODING_KEYS = frozenset({"pooled_output", "attention_mask", "cross_attn"})
 
 
+def positive_tooltip(branches: str) -> str:
+    """The tooltip of a node's optional `positive`, whose extras `carry_extras` adds to `branches`."""
+    return (f"Optional: a conditioning whose extras reach {branches}, e.g. CLIPTextEncode -> "
+            "ControlNetApplyAdvanced (apply the same ControlNet to the negative where the node takes one). Its text "
+            "is not used: each branch keeps its own prompt; its control, area, mask and strength are added to every "
+            "branch. Several entries (Conditioning Combine) give several conditionings, each over every branch. Not "
+            "connected: the prompts alone.")
+
+
 def carry_extras(encoded, conditioning, node: str, name: str = "positive"):
     """`encoded` (one entry, every branch's prompt as a row) with the extras of each entry of the user's
     `conditioning`: a ControlNet's `control`, areas, masks, strengths, ... reach every branch, while the

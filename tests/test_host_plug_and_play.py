@@ -205,7 +205,25 @@ def test_errors_before_sampling(pnp, inv, demo, scene, tiny):
     ddpm = invert(inv, model, clip, model.model.process_latent_out(scene.x_0), steps=STEPS, method="ddpm")
     with pytest.raises(ValueError, match="PlugAndPlay: inversion: a 'ddpm' inversion; .*method 'ddim'"):
         pnp.translate(counted, clip, ddpm, [PROMPT], steps=STEPS)
+    with pytest.raises(ValueError, match="PlugAndPlay: positive: expected a CONDITIONING"):
+        pnp.translate(counted, clip, scene, [PROMPT], steps=STEPS, positive="a green square")
     assert not calls
+
+
+def test_a_controlnet_on_positive_reaches_the_guidance_branch_and_every_translation(pnp, demo, scene, tiny):
+    """The stand-in ControlNet of the optional `positive` (its text unused) is asked for every conditional row of
+    each step, [guidance, translation × 2], and moves every translation; the prompts stay the branches' own."""
+    model, clip, _ = demo
+    asked = []
+    control = tiny.stub_controlnet(asked)
+    positive = [[c, dict(extra, control=control)] for c, extra in encode(clip, "a purple star")]
+    prompts = [PROMPT, "a red square on a striped green background"]
+    plain = pnp.translate(model, clip, scene, prompts, cfg=5.0, steps=STEPS)
+    controlled = pnp.translate(model, clip, scene, prompts, cfg=5.0, steps=STEPS, positive=positive)
+    assert len(asked) == STEPS and set(asked) == {3}
+    for row in range(2):
+        assert (controlled[row] - plain[row]).abs().mean() > 1e-2
+    assert (controlled[0] - controlled[1]).abs().mean() > 1e-2  # each translation keeps its own prompt
 
 
 def test_node_schema_has_paper_defaults_and_tooltips(host):
