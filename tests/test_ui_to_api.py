@@ -18,7 +18,6 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "examples"))
 
-import headless  # noqa: E402
 from ui_to_api import FRONTEND_ONLY_TYPES, object_info_from_host, ui_to_api  # noqa: E402
 
 
@@ -376,26 +375,9 @@ MODEL_FILE_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf"
 
 
 @pytest.fixture(scope="module")
-def comfy_host():
-    """Import ComfyUI once, register its built-in nodes and describe them.
-
-    Only ComfyUI's own nodes are loaded, not this pack, so these tests do not
-    depend on the pack loading.
-    """
-    root, how = headless.find_comfyui()  # $COMFYUI_PATH first, then the usual places
-    if root is None:
-        print(f"ui_to_api host tests skipped: {how}")
-        pytest.skip(how)
-    for path in [str(root), *headless.host_pythonpath()]:  # the torchvision stub where needed
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True  # before comfy.model_management is first imported
-    import execution
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    return object_info_from_host(), execution
+def comfy_host(host):
+    """ComfyUI with its built-in nodes (and this pack), started once by the pack's one loader, and described."""
+    return object_info_from_host(), host.execution
 
 
 def node_types(graph):
