@@ -23,7 +23,7 @@ from comfy_api.latest import io
 from ..attention_patches import bounded as ba
 from ..attention_patches.schedule import step_index
 from ..attention_patches.words import FILTER_CLASSES, is_function_word
-from .patching import attach_router
+from .patching import attach_router, model_family
 from .tokens import phrase_tokens, tokenize
 
 NODE = "BoundedAttentionLayout"
@@ -311,7 +311,7 @@ def _apply(model, clip, prompt, subjects, boxes, width, height, guidance, guidan
     try:
         family = ba.unet_family(router.layers)
     except ba.UnsupportedFamilyError as e:
-        raise ValueError(f"{NODE}: model: unsupported model family ({type(model.model).__name__}). {e}") from None
+        raise ValueError(f"{NODE}: model: unsupported model family ({model_family(model)}). {e}") from None
     config = None
     if guidance != "off":
         start, end = ba.STEP_SIZES[family]

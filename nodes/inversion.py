@@ -33,6 +33,7 @@ from comfy_api.latest import io
 from tqdm.auto import tqdm
 
 from ..inversion import Inversion, ddim_invert, ddim_sample, ddpm_invert, ddpm_replay
+from .patching import model_family
 
 INVERSION = io.Custom("INVERSION")
 
@@ -69,7 +70,7 @@ def check_inversion(inversion, model, node: str, name: str = "inversion", *, kin
     """
     if not isinstance(inversion, Inversion):
         raise ValueError(f"{node}: {name}: expected an INVERSION from DDIMInvert, got {type(inversion).__name__}")
-    family = type(model.model).__name__
+    family = model_family(model)
     if inversion.family is not None and inversion.family != family:
         raise ValueError(f"{node}: {name}: it was inverted with a {inversion.family} model, this model is {family}: "
                          "invert the image with the model this node runs")
@@ -274,7 +275,7 @@ def invert(model, latent_image: torch.Tensor, positive, negative=None, cfg: floa
     else:
         sampler = comfy.samplers.KSAMPLER(sample_ddpm_inversion, {"holder": holder, "seed": seed, "node": node})
     noise = guided_sample(cfg_guider(model, positive, negative, cfg), sampler, sigmas, latent_image, seed)
-    inversion = dataclasses.replace(holder.inversion, steps=steps, family=type(model.model).__name__)
+    inversion = dataclasses.replace(holder.inversion, steps=steps, family=model_family(model))
     return noise, inversion.to(comfy.model_management.intermediate_device())
 
 
