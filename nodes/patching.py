@@ -102,47 +102,41 @@ def unet_layers(model, node: str = "this node") -> list[tuple[str, int, int]]:
     return layers
 
 
-def decoder_levels(model, node: str = "this node") -> list[list[tuple[str, int, int]]]:
-    """The decoder's attention layers grouped by resolution, highest resolution first.
-
-    Read from the UNet's modules: every `Upsample` in `output_blocks` starts the
-    next (higher) resolution, so this holds for any SD1.x/SD2.x/SDXL-style UNet.
-    """
-    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
-
-    by_output_block = {}
-    for layer in unet_layers(model, node):
-        if layer[0] == "output":
-            by_output_block.setdefault(layer[1], []).append(layer)
-    levels, upsamples = {}, 0
-    for block_id, block in enumerate(model.model.diffusion_model.output_blocks):
-        levels.setdefault(upsamples, []).extend(by_output_block.get(block_id, []))
-        upsamples += any(isinstance(m, openaimodel.Upsample) for m in block.modules())
-    return [levels[u] for u in sorted(levels, reverse=True) if levels[u]]
-
-
-def layer_downsampling(model, node: str = "this node") -> dict[tuple[str, int, int], int]:
-    """How many times the UNet has halved the latent before each attention layer runs.
+def block_downsampling(model) -> dict[tuple[str, int], int]:
+    """How many times the UNet has halved the latent before each block runs: `{(kind, block id): halvings}`.
 
     Read from the UNet's modules (a `Downsample` in an input block halves every later
     block's grid, an `Upsample` ends its output block and doubles the next), so the token
-    grid of a layer at latent size H×W is H and W halved (rounding up) that many times.
+    grid of a block at latent size H×W is H and W halved (rounding up) that many times.
     """
     import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
 
     unet = model.model.diffusion_model
-    by_block = {}
-    for layer in unet_layers(model, node):
-        by_block.setdefault((layer[0], layer[1]), []).append(layer)
-    levels, down = {}, 0
+    halvings, down = {}, 0
     for block_id, block in enumerate(unet.input_blocks):
         down += any(isinstance(m, openaimodel.Downsample) for m in block.modules())
-        levels.update(dict.fromkeys(by_block.get(("input", block_id), []), down))
-    levels.update(dict.fromkeys(by_block.get(("middle", 0), []), down))
+        halvings[("input", block_id)] = down
+    halvings[("middle", 0)] = down
     for block_id, block in enumerate(unet.output_blocks):
-        levels.update(dict.fromkeys(by_block.get(("output", block_id), []), down))
+        halvings[("output", block_id)] = down
         down -= any(isinstance(m, openaimodel.Upsample) for m in block.modules())
-    return levels
+    return halvings
+
+
+def decoder_levels(model, node: str = "this node") -> list[list[tuple[str, int, int]]]:
+    """The decoder's attention layers grouped by resolution, highest resolution first."""
+    halvings = block_downsampling(model)
+    levels = {}
+    for layer in unet_layers(model, node):
+        if layer[0] == "output":
+            levels.setdefault(halvings[("output", layer[1])], []).append(layer)
+    return [levels[down] for down in sorted(levels)]
+
+
+def layer_downsampling(model, node: str = "this node") -> dict[tuple[str, int, int], int]:
+    """How many times the UNet has halved the latent before each attention layer runs (`block_downsampling`)."""
+    halvings = block_downsampling(model)
+    return {layer: halvings[(layer[0], layer[1])] for layer in unet_layers(model, node)}
 
 
 def router_of(model) -> AttentionRouter | None:

@@ -34,7 +34,7 @@ from comfy_api.latest import io
 
 from ..attention_patches import plug_and_play as pnp
 from .inversion import INVERSION, check_inversion, check_invertible, guided_sample
-from .patching import UnsupportedModelError, attach_router, model_family, unet_layers
+from .patching import UnsupportedModelError, attach_router, block_downsampling, model_family, unet_layers
 from .source_branch import (SourceBranchGuider, carry_extras, encode_group, positive_tooltip,
                             sample_ddim_tracking_source)
 
@@ -48,19 +48,12 @@ def _error(name: str, message: str) -> ValueError:
 
 
 def decoder_levels(model) -> list[tuple[int, int]]:
-    """`(output block id, downsampling)` of every decoder block, read from the UNet's modules."""
-    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
-
+    """`(output block id, downsampling)` of every decoder block, in execution order."""
     unet = model.model.diffusion_model
     if getattr(unet, "input_blocks", None) is None or getattr(unet, "output_blocks", None) is None:
         raise UnsupportedModelError(f"{NODE}: model: {model_family(model)} has no UNet decoder; Plug-and-Play "
                                     "supports SD1.x, SD2.x and SDXL UNet models")
-    down = sum(any(isinstance(m, openaimodel.Downsample) for m in block.modules()) for block in unet.input_blocks)
-    levels = []
-    for block_id, block in enumerate(unet.output_blocks):
-        levels.append((block_id, 2 ** down))
-        down -= any(isinstance(m, openaimodel.Upsample) for m in block.modules())
-    return levels
+    return [(block, 2 ** down) for (kind, block), down in block_downsampling(model).items() if kind == "output"]
 
 
 def feature_path(model, block: int) -> str:
