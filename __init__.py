@@ -9,7 +9,7 @@ import logging
 MIN_COMFYUI = (0, 3, 64)  # also [tool.comfy] requires-comfyui in pyproject.toml
 
 # Runtime dependencies some nodes need; ComfyUI must start without them.
-_DEPENDENCIES = {"sklearn": "scikit-learn", "PIL": "pillow", "numpy": "numpy"}
+_DEPENDENCIES = {"sklearn": "scikit-learn", "scipy": "scipy", "PIL": "pillow", "numpy": "numpy"}
 
 _log = logging.getLogger("attention_lab")
 
