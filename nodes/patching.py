@@ -125,9 +125,10 @@ def block_downsampling(model) -> dict[tuple[str, int], int]:
 
 def decoder_levels(model, node: str = "this node") -> list[list[tuple[str, int, int]]]:
     """The decoder's attention layers grouped by resolution, highest resolution first."""
+    layers = unet_layers(model, node)  # first: it refuses a model that is not a UNet, naming the node
     halvings = block_downsampling(model)
     levels = {}
-    for layer in unet_layers(model, node):
+    for layer in layers:
         if layer[0] == "output":
             levels.setdefault(halvings[("output", layer[1])], []).append(layer)
     return [levels[down] for down in sorted(levels)]
@@ -135,8 +136,9 @@ def decoder_levels(model, node: str = "this node") -> list[list[tuple[str, int, 
 
 def layer_downsampling(model, node: str = "this node") -> dict[tuple[str, int, int], int]:
     """How many times the UNet has halved the latent before each attention layer runs (`block_downsampling`)."""
+    layers = unet_layers(model, node)  # first: it refuses a model that is not a UNet, naming the node
     halvings = block_downsampling(model)
-    return {layer: halvings[(layer[0], layer[1])] for layer in unet_layers(model, node)}
+    return {layer: halvings[(layer[0], layer[1])] for layer in layers}
 
 
 def router_of(model) -> AttentionRouter | None:
